@@ -1,0 +1,38 @@
+# Set-up and entry points. `make demo` and `make test` create the venv on first use (once).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SNAKE := $(PY) -m snakemake
+STAMP := $(VENV)/.installed
+DEMO_ROOT := results/demo
+CORES ?= 2
+
+.PHONY: venv demo demo-dry test bench clean-demo
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+venv: $(STAMP)
+
+# The embedded demo world end to end, then the HTML report (rebuilt only when an output is newer than it).
+demo: $(STAMP)
+	$(SNAKE) --cores $(CORES) all --configfile config/demo.yaml
+	@if [ ! -f $(DEMO_ROOT)/report.html ] || [ -n "$$(find $(DEMO_ROOT)/alignment $(DEMO_ROOT)/figures -newer $(DEMO_ROOT)/report.html -type f | head -n 1)" ]; then \
+		$(SNAKE) --cores 1 --configfile config/demo.yaml --report $(DEMO_ROOT)/report.html; \
+	fi
+
+demo-dry: $(STAMP)
+	$(SNAKE) -n all --configfile config/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+clean-demo:
+	rm -rf results/demo resources/demo

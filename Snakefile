@@ -1,0 +1,55 @@
+"""metalign: backbone embeddings → SAE functions → meta-learner → alignment benchmarks → report.
+
+    snakemake --cores 2 all                                  # the full study (config/config.yaml)
+    snakemake --cores 2 --configfile config/demo.yaml all    # the embedded demo world (make demo)
+"""
+
+import json
+import sys
+
+from snakemake.utils import min_version, validate
+
+min_version("8.0")
+
+if not config:  # a --configfile on the command line replaces the study config instead of merging into it
+    configfile: "config/config.yaml"
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+sys.path.insert(0, workflow.basedir)
+from metalign.config import check_references, variant_params  # noqa: E402
+
+check_references(config)
+
+R = config["results"]
+RES = config["resources"]
+PY = f"{sys.executable} -m metalign"
+
+wildcard_constraints:
+    dataset="[A-Za-z0-9_.-]+",
+    backbone="[A-Za-z0-9_.-]+",
+    variant="[A-Za-z0-9_.-]+",
+    fset="[A-Za-z0-9_.-]+",
+    split="[A-Za-z0-9_.-]+",
+
+
+def as_json(value) -> str:
+    """Quote a config value for a shell argument; it is also a rule param, so editing it makes the job stale."""
+    return "'" + json.dumps(value, sort_keys=True).replace("'", "'\\''") + "'"
+
+
+BACKBONES = list(config["backbones"])
+VARIANTS = list(config["variants"])
+
+if "demo" in config:
+    include: "rules/demo.smk"
+include: "rules/extract.smk"
+include: "rules/functions.smk"
+include: "rules/train.smk"
+include: "rules/evaluate_things.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        rules.report_all.input,

@@ -1,0 +1,5 @@
+import sys
+
+from metalign.cli import main
+
+sys.exit(main())

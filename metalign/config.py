@@ -1,0 +1,56 @@
+"""Config checks that a JSON schema cannot express: names that must refer to other entries, and merged variants."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import jsonschema
+import yaml
+
+SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key path."""
+
+
+def load_schema() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+def variant_params(config: Mapping[str, Any], variant: str) -> dict[str, Any]:
+    """The `train` defaults overridden by the variant's own keys, validated as one `train` block."""
+    merged = {**config["train"], **{k: v for k, v in config["variants"][variant].items() if k != "function_set"}}
+    train_schema = load_schema()["properties"]["train"]
+    train_schema = {**train_schema, "$defs": load_schema()["$defs"]}
+    try:
+        jsonschema.validate(merged, train_schema)
+    except jsonschema.ValidationError as err:
+        where = ".".join(str(p) for p in err.absolute_path)
+        raise ConfigError(f"variants.{variant}.{where}: {err.message}") from None
+    return merged
+
+
+def check_references(config: Mapping[str, Any]) -> None:
+    """Every name a config entry uses must be defined: fail before any job runs, naming the key."""
+    datasets, backbones = config["datasets"], config["backbones"]
+
+    def need(name: str, pool: Mapping[str, Any], key: str, kind: str) -> None:
+        if name not in pool:
+            raise ConfigError(f"{key}: unknown {kind} {name!r}; defined: {sorted(pool)}")
+
+    for name, entry in datasets.items():
+        if entry["layout"] == "things" and "unique_ids" not in entry:
+            raise ConfigError(f"datasets.{name}.unique_ids: required for layout 'things'")
+    for name, fset in config["function_sets"].items():
+        need(fset["source"]["backbone"], backbones, f"function_sets.{name}.source.backbone", "backbone")
+        need(fset["train_split"], datasets, f"function_sets.{name}.train_split", "dataset")
+        need(fset["eval_split"], datasets, f"function_sets.{name}.eval_split", "dataset")
+    for name, variant in config["variants"].items():
+        need(variant["function_set"], config["function_sets"], f"variants.{name}.function_set", "function set")
+        params = variant_params(config, name)
+        if params.get("hidden", 1) % params.get("n_heads", 1):
+            raise ConfigError(f"variants.{name}: hidden ({params['hidden']}) must be divisible by n_heads ({params['n_heads']})")
+    for name, bench in config["benchmarks"].items():
+        need(bench["dataset"], datasets, f"benchmarks.{name}.dataset", "dataset")

@@ -1,0 +1,1 @@
+"""Tables and figures derived only from pipeline outputs (P-65)."""

@@ -1,0 +1,41 @@
+# Inputs → manifests → backbone embeddings (one HDF5 per dataset × backbone).
+
+
+def _dataset(wildcards):
+    return config["datasets"][wildcards.dataset]
+
+
+rule manifest:
+    input:
+        lambda wc: _dataset(wc).get("requires", []),
+    output:
+        f"{R}/manifests/{{dataset}}.csv",
+    params:
+        entry=lambda wc: _dataset(wc),
+        unique_ids=lambda wc: f"--unique-ids {_dataset(wc)['unique_ids']}" if "unique_ids" in _dataset(wc) else "",
+        expected=lambda wc: f"--expected-count {_dataset(wc)['expected_count']}" if "expected_count" in _dataset(wc) else "",
+    log:
+        f"{R}/logs/manifest/{{dataset}}.log",
+    shell:
+        "{PY} manifest --layout {params.entry[layout]} --root {params.entry[root]} --split {params.entry[split]}"
+        " {params.unique_ids} {params.expected} --out {output} 2> {log}"
+
+
+rule extract:
+    input:
+        manifest=f"{R}/manifests/{{dataset}}.csv",
+        weights=lambda wc: config["backbones"][wc.backbone].get("requires", []),
+    output:
+        f"{R}/embeddings/{{dataset}}/{{backbone}}.h5",
+    params:
+        entry=lambda wc: as_json({"name": wc.backbone, **config["backbones"][wc.backbone]}),
+        opts=config.get("extract", {}),
+        amp="--amp" if config.get("extract", {}).get("amp") else "",
+    threads: 2
+    resources:
+        gpu=1,
+    log:
+        f"{R}/logs/extract/{{dataset}}/{{backbone}}.log",
+    shell:
+        "{PY} extract --backbone {params.entry} --manifest {input.manifest} --out {output}"
+        " --batch-size {params.opts[batch_size]} --workers {params.opts[workers]} {params.amp} 2> {log}"
