@@ -35,6 +35,13 @@ def variant_params(config: Mapping[str, Any], variant: str) -> dict[str, Any]:
 def check_references(config: Mapping[str, Any]) -> None:
     """Every name a config entry uses must be defined: fail before any job runs, naming the key."""
     datasets, backbones = config["datasets"], config["backbones"]
+    if "demo" in config:
+        from metalign.demo.world import validate_spec
+
+        try:
+            validate_spec(config["demo"]["world"])
+        except ValueError as err:
+            raise ConfigError(f"demo.world: {err}") from None
 
     def need(name: str, pool: Mapping[str, Any], key: str, kind: str) -> None:
         if name not in pool:

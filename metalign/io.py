@@ -20,6 +20,10 @@ MANIFEST_COLUMNS = ("image_id", "path", "label", "split")
 _TRACKED_LIBRARIES = ("metalign", "numpy", "torch", "torchvision", "timm", "transformers", "open_clip_torch", "h5py", "pillow")
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class DataContractError(ValueError):
     """An input broke the contract between two stages; the message names the file and the offending key or id."""
 
@@ -35,6 +39,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should be as readable as any other file
     try:
         yield tmp_path
         os.replace(tmp_path, path)

@@ -7,7 +7,7 @@ rule demo_world:
         triplets=f"{RES}/world/things/triplets.tsv",
         unique_ids=f"{RES}/world/things/unique_id.txt",
     params:
-        spec=as_json({k: v for k, v in config["demo"].items() if k != "vit"}),
+        spec=as_json(config["demo"]["world"]),
         out=f"{RES}/world",
     log:
         f"{R}/logs/demo_world.log",

@@ -1,0 +1,102 @@
+"""Manifests and extraction: row order, provenance, corrupt inputs, resume equality."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from metalign.extract import extract
+from metalign.io import DataContractError, read_h5, write_csv
+from metalign.manifest import build_manifest, load_verified_manifest
+from tests.conftest import write_images
+
+
+def _entry(model_dir) -> dict:
+    return {"name": "vit_tiny", "source": "transformers", "id": str(model_dir), "layer": "final", "pooling": "cls",
+            "preprocessing": {"size": 32, "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.5] * 3}}
+
+
+@pytest.fixture
+def image_set(tmp_path):
+    write_images(tmp_path / "imgs", 10)
+    manifest = tmp_path / "manifest.csv"
+    write_csv(manifest, build_manifest("flat", tmp_path / "imgs", "train"))
+    return manifest
+
+
+def test_things_manifest_follows_unique_id_order(tmp_path):
+    for concept in ["zebra", "aardvark"]:
+        write_images(tmp_path / "things" / concept, 2)
+    (tmp_path / "unique_id.txt").write_text("zebra\naardvark\n")
+    frame = build_manifest("things", tmp_path / "things", "things", tmp_path / "unique_id.txt")
+    assert frame["label"].tolist() == ["zebra", "zebra", "aardvark", "aardvark"]
+    assert frame["image_id"].iloc[0] == "zebra/000000000000.jpg"
+    (tmp_path / "unique_id.txt").write_text("zebra\naardvark\nyak\n")
+    with pytest.raises(DataContractError, match="'yak'"):
+        build_manifest("things", tmp_path / "things", "things", tmp_path / "unique_id.txt")
+
+
+def test_extract_matches_direct_forward_and_records_provenance(tiny_vit, image_set, tmp_path):
+    out = tmp_path / "emb.h5"
+    extract(_entry(tiny_vit), image_set, out, batch_size=4)
+    arrays, ids, attrs = read_h5(out)
+    manifest = load_verified_manifest(image_set)
+    assert ids == manifest["image_id"].tolist()
+    assert arrays["features"].shape == (10, 32) and arrays["features"].dtype == np.float32
+    for key in ("model_id", "preprocessing", "pooling", "layer", "library_versions", "manifest_sha256", "cache_key"):
+        assert key in attrs
+    assert attrs["preprocessing"]["size"] == 32
+    # naive reference: the model applied to one image at a time
+    from PIL import Image
+    from transformers import ViTModel
+    from metalign.backbones import Preprocessing
+
+    model = ViTModel.from_pretrained(tiny_vit).eval()
+    transform = Preprocessing(size=32, mean=(0.5,) * 3, std=(0.5,) * 3).build()
+    with torch.no_grad():
+        first = model(pixel_values=transform(Image.open(manifest["path"][3]).convert("RGB"))[None]).last_hidden_state[0, 0]
+    np.testing.assert_allclose(arrays["features"][3], first.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_interrupted_extraction_resumes_to_identical_file(tiny_vit, image_set, tmp_path):
+    full, resumed = tmp_path / "full.h5", tmp_path / "resumed.h5"
+    extract(_entry(tiny_vit), image_set, full, batch_size=4)
+    extract(_entry(tiny_vit), image_set, resumed, batch_size=4, max_batches=1)  # "killed" after one batch
+    partial = resumed.with_name(resumed.name + ".partial.h5")
+    assert not resumed.exists() and partial.exists()
+    with h5py.File(partial) as handle:
+        assert handle.attrs["n_done"] == 4
+    extract(_entry(tiny_vit), image_set, resumed, batch_size=4)
+    assert not partial.exists()
+    np.testing.assert_array_equal(read_h5(full)[0]["features"], read_h5(resumed)[0]["features"])
+
+
+def test_changed_preprocessing_does_not_resume_stale_rows(tiny_vit, image_set, tmp_path):
+    out = tmp_path / "emb.h5"
+    extract(_entry(tiny_vit), image_set, out, batch_size=4, max_batches=1)
+    other = _entry(tiny_vit) | {"preprocessing": {"size": 32, "crop_pct": 1.0, "mean": [0.4] * 3, "std": [0.5] * 3}}
+    extract(other, image_set, out, batch_size=4)
+    fresh = tmp_path / "fresh.h5"
+    extract(other, image_set, fresh, batch_size=4)
+    np.testing.assert_array_equal(read_h5(out)[0]["features"], read_h5(fresh)[0]["features"])
+
+
+def test_corrupt_image_names_the_file(tiny_vit, image_set, tmp_path):
+    manifest = load_verified_manifest(image_set)
+    bad = manifest["path"][5]
+    with open(bad, "wb") as handle:
+        handle.write(b"not a jpeg")
+    with pytest.raises(DataContractError, match=bad):
+        extract(_entry(tiny_vit), image_set, tmp_path / "emb.h5", batch_size=4)
+    assert not (tmp_path / "emb.h5").exists()
+
+
+def test_manifest_that_does_not_match_files_is_refused(tiny_vit, image_set, tmp_path):
+    manifest = load_verified_manifest(image_set)
+    missing = manifest["path"][2]
+    import os
+    os.remove(missing)
+    with pytest.raises(DataContractError, match=manifest["image_id"][2]):
+        extract(_entry(tiny_vit), image_set, tmp_path / "emb.h5")
