@@ -214,7 +214,9 @@ def _content_digest(out_dir: Path, parts: tuple[str, ...]) -> str:
 
 def _claim(out_dir: Path, parts: tuple[str, ...]) -> None:
     """Remove a previous demo world (world.json first, so a crash never leaves it stale); never touch foreign data."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MARKER).exists():
+    # Empty folders don't count: Snakemake creates the outputs' parent folders before the job runs.
+    holds_files = out_dir.exists() and any(p.is_file() for p in out_dir.rglob("*"))
+    if holds_files and not (out_dir / MARKER).exists():
         raise ValueError(f"{out_dir} is not empty and holds no {MARKER} marker; "
                          "refusing to overwrite it with a demo world")
     (out_dir / "world.json").unlink(missing_ok=True)

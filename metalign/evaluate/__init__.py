@@ -1,0 +1,1 @@
+"""Evaluations of representations against human data (protocols.md §9)."""

@@ -1,0 +1,94 @@
+"""Subcommands of the functions stage: train an SAE, encode features into codes, select functions on codes."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metalign.functions.codes import write_codes
+from metalign.functions.sae import encode_topk, load_sae, save_sae, train_sae
+from metalign.io import DataContractError, read_h5, write_json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("sae-train", help="train a top-k SAE on backbone features")
+    train.add_argument("--features", type=Path, required=True, help="HDF5 with datasets `features` (N, D) and `ids`")
+    train.add_argument("--out", type=Path, required=True, help="SAE checkpoint (.pt, weights-only loadable)")
+    train.add_argument("--expansion", type=float, default=16, help="d_sae = round(expansion * D)")
+    train.add_argument("--k", type=int, default=32)
+    train.add_argument("--steps", type=int, default=5000)
+    train.add_argument("--batch-size", type=int, default=4096)
+    train.add_argument("--lr", type=float, default=5e-4)
+    train.add_argument("--seed", type=int, default=1234)
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--metrics", type=Path, help="optional JSON with explained variance, alive fraction, loss trace")
+    train.set_defaults(func=run_train)
+
+    encode = subparsers.add_parser("sae-encode", help="encode features with an SAE and select functions")
+    encode.add_argument("--sae", type=Path, required=True)
+    encode.add_argument("--features", type=Path, required=True)
+    encode.add_argument("--out", type=Path, required=True, help="code file (HDF5)")
+    _add_selection_args(encode)
+    encode.add_argument("--batch-size", type=int, default=1024)
+    encode.add_argument("--device", default="cpu")
+    encode.set_defaults(func=run_encode)
+
+    select = subparsers.add_parser("functions-select",
+                                   help="select functions on an existing code file (e.g. Prisma codes from extraction)")
+    select.add_argument("--codes", type=Path, required=True, help="HDF5 with `indices`, `values`, `ids`, attr d_sae")
+    select.add_argument("--out", type=Path, required=True)
+    _add_selection_args(select)
+    select.set_defaults(func=run_select)
+
+
+def _add_selection_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--min-nonzero", type=int, default=120, help="keep latents active on at least this many images")
+    parser.add_argument("--sl", type=int, default=120, help="episode length the kept functions must support")
+
+
+def read_features(path: Path) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    arrays, ids, attrs = read_h5(path, ["features"])
+    features = arrays["features"]
+    if features.ndim != 2 or len(features) != len(ids):
+        raise DataContractError(f"{path}: `features` has shape {features.shape} but there are {len(ids)} ids")
+    return features.astype(np.float32, copy=False), ids, attrs
+
+
+def _source(path: Path, ids: list[str], attrs: dict[str, Any]) -> dict[str, Any]:
+    """Provenance of an input file: where it was, which rows it had, and its own attributes."""
+    digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()
+    return {"path": str(path), "n_rows": len(ids), "ids_sha256": digest, "attrs": attrs}
+
+
+def run_train(args: argparse.Namespace) -> None:
+    features, ids, attrs = read_features(args.features)
+    sae, metrics = train_sae(features, args.expansion, args.k, args.steps, args.batch_size, args.lr, args.seed,
+                             device=args.device)
+    save_sae(args.out, sae, {"features": _source(args.features, ids, attrs), "metrics": metrics})
+    if args.metrics:
+        write_json(args.metrics, metrics)
+
+
+def run_encode(args: argparse.Namespace) -> None:
+    sae, meta = load_sae(args.sae)
+    features, ids, attrs = read_features(args.features)
+    if features.shape[1] != sae.d_in:
+        raise DataContractError(f"{args.features} has {features.shape[1]}-d features but SAE {args.sae} expects {sae.d_in}")
+    indices, values = encode_topk(features, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, args.batch_size, args.device)
+    provenance = {"source": _source(args.features, ids, attrs),
+                  "sae": {"path": str(args.sae), "config": sae.config, "trained_on": meta.get("features", {})}}
+    write_codes(args.out, ids, indices, values, sae.d_sae, args.min_nonzero, args.sl, provenance)
+
+
+def run_select(args: argparse.Namespace) -> None:
+    arrays, ids, attrs = read_h5(args.codes, ["indices", "values"])
+    if "d_sae" not in attrs:
+        raise DataContractError(f"{args.codes} lacks attribute 'd_sae' (it must come from the SAE weights, P-5)")
+    sae = {key: value for key, value in attrs.items() if key.startswith("sae") or key in ("d_sae", "k", "layer", "hook")}
+    provenance = {"source": _source(args.codes, ids, attrs), "sae": sae}
+    write_codes(args.out, ids, arrays["indices"], arrays["values"], int(attrs["d_sae"]), args.min_nonzero, args.sl,
+                provenance)

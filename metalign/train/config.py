@@ -1,0 +1,75 @@
+"""Training configuration: one flat, JSON-able dict (protocols §5, §7) with documented defaults.
+
+A flat dict is what the workflow passes (`train` defaults overridden by a variant). Unknown keys are errors so that
+a misspelt key never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+MODEL_KEYS = ("hidden", "n_layers", "n_heads", "use_mlp", "mlp_size", "dropout", "rope_base", "model_type")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Defaults follow upstream (protocols §5, §7) unless noted."""
+
+    seed: int = 1234
+    sl: int = 120                          # episode length (tokens per episode)
+    batch_size: int = 1024                 # episodes per optimiser step (1024 = upstream's effective batch, P-15)
+    steps: int = 10_000                    # maximum optimiser steps
+    lr: float = 2.5e-4
+    weight_decay: float = 0.0              # applied to every parameter except embed.* and the loss weights
+    eval_every: int = 100                  # steps between evaluations on the fixed validation episodes
+    checkpoint_every: int = 100            # steps between resumable `.last.pt` checkpoints
+    log_every: int = 10                    # steps averaged into one `train` row of the metrics CSV
+    n_eval_episodes_per_function: int = 20
+    eval_seed: int = 1234                  # seed of the fixed validation episodes: keep it equal across runs (P-17)
+    eval_batch_size: int | None = None     # episodes per evaluation forward pass; None = batch_size
+    min_step: int = 1000                   # early stopping is active only from this step ...
+    min_acc: float = 0.6                   # ... and when the current validation accuracy reaches this
+    min_delta: float = 0.001               # improvement of S that resets the patience counter
+    patience: int = 10                     # consecutive evaluations without such an improvement before stopping
+    compile: bool = False                  # torch.compile the model (CUDA runs)
+    gpus: int = 1                          # scheduler resource request only; the loop is one process, one device
+    # model keys (see metalign.train.model.ModelConfig)
+    hidden: int | None = None              # None = input dimension D
+    n_layers: int = 1
+    n_heads: int = 16
+    use_mlp: bool = False
+    mlp_size: int = 3072
+    dropout: float = 0.1                   # attention dropout
+    rope_base: float = 10_000.0
+    model_type: str = "transformer"
+
+    def __post_init__(self) -> None:
+        positive = ("sl", "batch_size", "steps", "eval_every", "checkpoint_every", "log_every",
+                    "n_eval_episodes_per_function", "patience")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"train config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.sl < 2:
+            raise ValueError(f"train config: sl must be >= 2, got {self.sl}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ValueError(f"train config: eval_batch_size must be >= 1, got {self.eval_batch_size}")
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"train config: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**dict(cfg))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def model_dict(self, d_in: int) -> dict[str, Any]:
+        """The model part of the config, for `ModelConfig.from_dict`."""
+        return {"d_in": int(d_in), **{key: getattr(self, key) for key in MODEL_KEYS}}
+
+    @property
+    def eval_batch(self) -> int:
+        return self.eval_batch_size or self.batch_size

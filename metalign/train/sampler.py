@@ -1,0 +1,144 @@
+"""Episodes (protocols §4): one kept function j, sl images, n_pos ~ round(N(sl/2, sl/20)) of them positives of j.
+
+Per-function positive lists are built once in CSR form (memory O(nnz), never a dense N x F matrix, P-41). An episode
+costs O(sl): positives are drawn from j's list, negatives uniformly from all rows with rejection of j's positives, and
+duplicates are redrawn (P-43). Every draw comes from a generator seeded by (seed, stream, rank, step), so episodes are
+reproducible, independent of call order (resume), and differ across ranks (P-15).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from metalign.functions.codes import Codes
+from metalign.functions.select import max_episode_draw
+from metalign.io import DataContractError
+
+_TRAIN_STREAM, _EVAL_STREAM = 0, 1
+
+
+class Batch(NamedTuple):
+    rows: np.ndarray    # (B, sl) int64 image rows
+    labels: np.ndarray  # (B, sl) float32, 1 = positive of the episode's function
+    mags: np.ndarray    # (B, sl) float32 raw magnitudes, 0 for negatives
+
+
+class EpisodeSet(NamedTuple):
+    rows: np.ndarray
+    labels: np.ndarray
+    mags: np.ndarray
+    functions: np.ndarray  # (B,) int64 function index j (column of `EpisodeSampler.latent_id`)
+
+
+class EpisodeSampler:
+    """Draws episodes over the kept functions of one split.
+
+    offsets (F+1), rows (nnz), mags (nnz): CSR positive lists, rows ascending within each function.
+    n_pos is clamped to [sl - max_draw, max_draw] (`max_episode_draw`), the bound that function selection guarantees
+    both positives and negatives for; it is validated here again (P-16).
+    """
+
+    def __init__(self, offsets: np.ndarray, rows: np.ndarray, mags: np.ndarray, n_rows: int, latent_id: np.ndarray,
+                 sl: int, seed: int, rank: int = 0, source: str = "codes"):
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.mags = np.asarray(mags, dtype=np.float32)
+        self.latent_id = np.asarray(latent_id, dtype=np.int64)
+        self.n_rows, self.sl, self.seed, self.rank = int(n_rows), int(sl), int(seed), int(rank)
+        self.max_draw = max_episode_draw(self.sl)
+        self.nnz = np.diff(self.offsets)
+        if (len(self.offsets) != len(self.latent_id) + 1 or self.offsets[-1] != len(self.rows)
+                or len(self.rows) != len(self.mags)):
+            raise DataContractError(f"{source}: CSR arrays disagree ({len(self.offsets)} offsets, "
+                                    f"{len(self.latent_id)} functions, {len(self.rows)} rows, {len(self.mags)} mags)")
+        if len(self.latent_id) == 0:
+            raise DataContractError(f"{source}: no kept functions")
+        short = np.flatnonzero((self.nnz < self.max_draw) | (self.n_rows - self.nnz < self.max_draw))
+        if short.size:
+            j = int(short[0])
+            raise DataContractError(
+                f"{source}: function (latent id {int(self.latent_id[j])}) has {int(self.nnz[j])} positives among "
+                f"{self.n_rows} images; episodes with sl={self.sl} need >= {self.max_draw} positives and negatives")
+        # Sorted (function, row) keys: membership of a row in j's positive list is one searchsorted.
+        self._keys = np.repeat(np.arange(len(self.latent_id), dtype=np.int64), self.nnz) * self.n_rows + self.rows
+        if len(self._keys) > 1 and not (np.diff(self._keys) > 0).all():
+            raise DataContractError(f"{source}: positive rows must be unique and ascending within each function")
+
+    @classmethod
+    def from_codes(cls, codes: Codes, sl: int, seed: int, rank: int = 0, source: str = "codes") -> "EpisodeSampler":
+        offsets, rows, mags = codes.by_function()
+        return cls(offsets, rows, mags, len(codes.ids), codes.latent_id, sl, seed, rank, source)
+
+    @property
+    def n_functions(self) -> int:
+        return len(self.latent_id)
+
+    def magnitude_std(self) -> float:
+        """sigma_m: population std of the non-zero magnitudes of the kept functions (protocols §4)."""
+        return float(np.std(self.mags, dtype=np.float64))
+
+    def sample(self, batch_size: int, step: int) -> Batch:
+        """Training episodes of one step; functions uniform over the kept set, deterministic in (seed, rank, step)."""
+        rng = self._rng(_TRAIN_STREAM, self.rank, step)
+        functions = rng.integers(0, self.n_functions, size=batch_size)
+        return Batch(*self._draw(rng, functions))
+
+    def evaluation_set(self, n_per_function: int, seed: int) -> EpisodeSet:
+        """The fixed evaluation episodes (P-17): n_per_function per kept function, ordered by function.
+
+        Depends only on the codes, sl and `seed` (not on rank or on this sampler's training seed), so every model and
+        backbone is evaluated on identical episodes.
+        """
+        functions = np.repeat(np.arange(self.n_functions, dtype=np.int64), n_per_function)
+        rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(_EVAL_STREAM,)))
+        return EpisodeSet(*self._draw(rng, functions), functions)
+
+    def _rng(self, stream: int, rank: int, step: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(stream, rank, int(step))))
+
+    def _draw(self, rng: np.random.Generator, functions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        batch, sl = len(functions), self.sl
+        n_pos = np.rint(rng.normal(sl / 2, sl / 20, size=batch)).astype(np.int64)
+        n_pos = n_pos.clip(sl - self.max_draw, self.max_draw)
+        positive = np.arange(sl)[None, :] < n_pos[:, None]
+        rows = np.zeros((batch, sl), dtype=np.int64)
+        source = np.zeros((batch, sl), dtype=np.int64)  # CSR position of each positive (for its magnitude)
+        todo = np.ones((batch, sl), dtype=bool)
+        while todo.any():
+            episode, slot = np.nonzero(todo)
+            pos = positive[episode, slot]
+            j = functions[episode[pos]]
+            picked = self.offsets[j] + rng.integers(0, self.nnz[j])
+            source[episode[pos], slot[pos]] = picked
+            rows[episode[pos], slot[pos]] = self.rows[picked]
+            negative = rng.integers(0, self.n_rows, size=int((~pos).sum()))
+            rows[episode[~pos], slot[~pos]] = negative
+            todo[:] = False
+            todo[episode[~pos], slot[~pos]] = self._is_positive(functions[episode[~pos]], negative)
+            touched = np.unique(episode)
+            todo[touched] |= self._repeats(rows[touched], todo[touched])
+        order = np.argsort(rng.random((batch, sl)), axis=1)
+        positive = np.take_along_axis(positive, order, axis=1)
+        rows = np.take_along_axis(rows, order, axis=1)
+        mags = np.where(positive, self.mags[np.take_along_axis(source, order, axis=1)], 0.0).astype(np.float32)
+        return rows, positive.astype(np.float32), mags
+
+    def _is_positive(self, functions: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Whether each row is a positive of the paired function (sorted queries keep the binary search local)."""
+        keys = functions * self.n_rows + rows
+        order = np.argsort(keys)
+        found = np.empty(len(keys), dtype=np.int64)
+        found[order] = np.searchsorted(self._keys, keys[order])
+        return self._keys[found.clip(max=len(self._keys) - 1)] == keys
+
+    @staticmethod
+    def _repeats(rows: np.ndarray, rejected: np.ndarray) -> np.ndarray:
+        """Slots whose row already occurs in an earlier slot of the same episode (rejected slots are ignored)."""
+        keys = np.where(rejected, -1 - np.arange(rows.shape[1]), rows)
+        order = np.argsort(keys, axis=1, kind="stable")
+        ordered = np.take_along_axis(keys, order, axis=1)
+        repeat = np.zeros(rows.shape, dtype=bool)
+        np.put_along_axis(repeat, order[:, 1:], ordered[:, 1:] == ordered[:, :-1], axis=1)
+        return repeat

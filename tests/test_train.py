@@ -1,0 +1,268 @@
+"""Episode sampler, meta-learner and training loop on small planted data (protocols §4–§8)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from metalign.functions.codes import Codes, write_codes
+from metalign.functions.select import function_stats, max_episode_draw, select_functions
+from metalign.io import DataContractError, read_h5, write_h5
+from metalign.train import EpisodeSampler, Features, ModelConfig, build_model, load_encoder, train
+from metalign.train import cli as train_cli
+from metalign.train.checkpoint import MODEL_FORMAT
+from metalign.train.loop import METRIC_COLUMNS
+
+D = 16
+SMALL = dict(seed=7, sl=20, batch_size=32, lr=3e-3, log_every=5, n_eval_episodes_per_function=4, min_step=0,
+             min_acc=0.0, min_delta=0.0, patience=1000, hidden=24, n_heads=4, dropout=0.1)
+
+
+def planted(n: int, n_functions: int, seed: int, prefix: str) -> tuple[Features, Codes, dict]:
+    """Features x ~ N(0, I); latent 3j+1 fires with magnitude x·w_j when positive, w_j near one shared direction.
+
+    Latent 0 fires on only 5 images, so selection drops it and the sampler must ignore it.
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, D)).astype(np.float32)
+    shared = np.random.default_rng(0).standard_normal(D)
+    w = shared + 0.3 * rng.standard_normal((n_functions, D))
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    latent = 3 * np.arange(n_functions) + 1
+    values = np.concatenate([(np.arange(n) < 5)[:, None] * 1.0, np.maximum(x @ w.T, 0)], axis=1).astype(np.float32)
+    indices = np.broadcast_to(np.concatenate([[0], latent]), values.shape).astype(np.int32)
+    ids = [f"{prefix}{i:04d}" for i in range(n)]
+    d_sae = int(latent.max()) + 1
+    stats = function_stats(indices, values, d_sae)
+    kept = select_functions(stats.nnz, min_nonzero=20, sl=40, n_images=n).latent_id
+    codes = Codes(ids=ids, indices=indices, values=values, latent_id=kept, nnz=stats.nnz[kept], mean=stats.mean[kept],
+                  std=stats.std[kept], attrs={"d_sae": d_sae})
+    truth = {"dense": np.stack([values[:, 1 + (k - 1) // 3] for k in kept], axis=1), "kept": kept}
+    return Features(ids, x), codes, truth
+
+
+@pytest.fixture(scope="module")
+def data():
+    return planted(400, 8, seed=1, prefix="tr"), planted(200, 6, seed=2, prefix="va")
+
+
+# ------------------------------------------------------------------------------------------------- sampler
+
+
+def test_sampler_statistics_labels_and_uniqueness(data):
+    (_, codes, truth), _ = data
+    assert list(truth["kept"]) == [3 * j + 1 for j in range(8)]  # latent 0 (5 images) was dropped
+    sl = 40
+    sampler = EpisodeSampler.from_codes(codes, sl=sl, seed=3)
+    rows, labels, mags = sampler.sample(4000, step=0)
+    assert rows.shape == labels.shape == mags.shape == (4000, sl) and rows.dtype == np.int64
+    n_pos = labels.sum(axis=1)
+    # round(N(20, 2)): mean 20, sd sqrt(4 + 1/12)
+    assert abs(n_pos.mean() - sl / 2) < 0.1 and abs(n_pos.std() - np.sqrt(4 + 1 / 12)) < 0.1
+    assert n_pos.min() >= sl - max_episode_draw(sl) and n_pos.max() <= max_episode_draw(sl)
+    assert all(len(set(r)) == sl for r in rows)
+    # naive reference: the function of each episode is the one whose dense column matches every label
+    batch = sampler.evaluation_set(n_per_function=50, seed=11)
+    dense = truth["dense"][batch.rows, batch.functions[:, None]]
+    np.testing.assert_array_equal(batch.labels, (dense > 0).astype(np.float32))
+    np.testing.assert_array_equal(batch.mags, dense)
+    assert np.array_equal(batch.functions, np.repeat(np.arange(8), 50))
+
+
+def test_sampler_draws_uniformly_without_replacement():
+    """A function with only 30 positives (n_pos ~ 10 of them): every positive equally often, despite redraws."""
+    n, sl = 200, 20
+    offsets, rows = np.array([0, 30]), np.arange(0, 60, 2)
+    sampler = EpisodeSampler(offsets, rows, np.ones(30), n, np.array([5]), sl=sl, seed=0)
+    batch = sampler.evaluation_set(n_per_function=3000, seed=1)
+    picked = batch.rows[batch.labels == 1]
+    counts = np.bincount(picked, minlength=n)[rows]
+    assert np.abs(counts / counts.mean() - 1).max() < 0.1
+    negatives = np.bincount(batch.rows[batch.labels == 0], minlength=n)
+    assert negatives[rows].sum() == 0
+    others = np.setdiff1d(np.arange(n), rows)
+    assert np.abs(negatives[others] / negatives[others].mean() - 1).max() < 0.25
+    assert all(len(set(r)) == sl for r in batch.rows)
+
+
+def test_sampler_determinism_and_ranks(data):
+    (_, codes, _), _ = data
+    a, b = (EpisodeSampler.from_codes(codes, sl=20, seed=3) for _ in range(2))
+    for x, y in zip(a.sample(16, step=5), b.sample(16, step=5)):
+        np.testing.assert_array_equal(x, y)
+    other_rank = EpisodeSampler.from_codes(codes, sl=20, seed=3, rank=1).sample(16, step=5)
+    assert not np.array_equal(a.sample(16, step=5).rows, other_rank.rows)
+    assert not np.array_equal(a.sample(16, step=5).rows, a.sample(16, step=6).rows)
+    e1, e2 = a.evaluation_set(2, seed=9), EpisodeSampler.from_codes(codes, sl=20, seed=99, rank=2).evaluation_set(2, 9)
+    np.testing.assert_array_equal(e1.rows, e2.rows)
+
+
+def test_sampler_rejects_function_that_cannot_fill_episodes():
+    with pytest.raises(DataContractError, match="latent id 42"):
+        EpisodeSampler(np.array([0, 5]), np.arange(5), np.ones(5), 100, np.array([42]), sl=20, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+
+def small_model(hidden: int = 24) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(d_in=D, hidden=hidden, n_layers=2, n_heads=4, use_mlp=True, mlp_size=32), 1.7)
+
+
+def test_causal_masking():
+    model = small_model().eval()
+    x, mags = torch.randn(2, 12, D), torch.rand(2, 12)
+    logits, mag = model(x, mags)
+    x2, mags2 = x.clone(), mags.clone()
+    x2[:, 5] += 1.0
+    mags2[:, 5] += 1.0  # enters token 6 only (teacher forcing)
+    logits2, mag2 = model(x2, mags2)
+    torch.testing.assert_close(logits[:, :5], logits2[:, :5])
+    torch.testing.assert_close(mag[:, :5], mag2[:, :5])
+    assert not torch.allclose(logits[:, 5:], logits2[:, 5:])
+
+
+def test_encode_is_embed_of_zero_and_x_with_free_hidden_size():
+    model = small_model(hidden=40)
+    assert model.embed.in_features == D + 1 and model.embed.out_features == 40
+    x = torch.randn(7, D)
+    z = model.encode(x)
+    assert z.shape == (7, 40)
+    torch.testing.assert_close(z, model.embed(torch.cat([torch.zeros(7, 1), x], dim=1)))
+    torch.testing.assert_close(z, x @ model.embed.weight[:, 1:].T + model.embed.bias)
+    assert ModelConfig(d_in=D, n_heads=4).hidden == D
+
+
+def test_hurdle_loss_matches_formula():
+    model = small_model()
+    with torch.no_grad():
+        model.loss_log_var.copy_(torch.tensor([0.3, -0.2]))
+    logits, pred = torch.randn(3, 5), torch.rand(3, 5)
+    labels = (torch.rand(3, 5) > 0.5).float()
+    mags = labels * torch.rand(3, 5)
+    loss, bce, mse = model.loss(logits, pred, labels, mags)
+    ref_bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    ref_mse = (((pred - mags) / 1.7)[labels == 1] ** 2).mean()
+    torch.testing.assert_close(loss, np.exp(-0.3) * ref_bce + 0.5 * np.exp(0.2) * ref_mse + 0.5 * 0.1)
+    torch.testing.assert_close(mse, ref_mse)
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+
+def test_training_learns_planted_task(data, tmp_path):
+    (xt, ct, _), (xv, cv, _) = data
+    result = train({**SMALL, "steps": 150, "eval_every": 50, "checkpoint_every": 50}, xt, ct, xv, cv,
+                   tmp_path / "m.pt", tmp_path / "m.csv")
+    metrics = pd.read_csv(tmp_path / "m.csv")
+    assert tuple(metrics.columns) == METRIC_COLUMNS
+    tr, va = metrics[metrics.split == "train"], metrics[metrics.split == "val"]
+    assert list(va.step) == [50, 100, 150]
+    assert tr.loss.iloc[-5:].mean() < tr.loss.iloc[:2].mean() - 0.3
+    assert va.acc.max() > 0.8 and va.r2.max() > 0.3  # chance accuracy is 0.5
+    assert result.best_step == int(va.step[va.score.idxmax()])
+    assert not (tmp_path / "m.last.pt").exists()
+
+    ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert ckpt["format"] == MODEL_FORMAT and ckpt["step"] == result.best_step
+    assert ckpt["scores"]["score"] == pytest.approx(va.score.max())
+    assert ckpt["kept_latent_ids"].tolist() == ct.latent_id.tolist()
+    assert json.loads(json.dumps(ckpt["model_config"]))["hidden"] == 24
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["state_dict"])
+    z = load_encoder(tmp_path / "m.pt")(xv.values)
+    assert z.shape == (200, 24) and z.dtype == np.float32
+    w, b = ckpt["state_dict"]["embed.weight"], ckpt["state_dict"]["embed.bias"]
+    np.testing.assert_allclose(z, xv.values @ w[:, 1:].numpy().T + b.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_resume_gives_identical_weights(data, tmp_path, monkeypatch):
+    (xt, ct, _), (xv, cv, _) = data
+    cfg = {**SMALL, "steps": 40, "eval_every": 10, "checkpoint_every": 7}
+    straight = train(cfg, xt, ct, xv, cv, tmp_path / "a.pt", tmp_path / "a.csv")
+
+    original = EpisodeSampler.sample
+
+    def crash(self, batch_size, step):
+        if step == 31:
+            raise RuntimeError("killed")
+        return original(self, batch_size, step)
+
+    monkeypatch.setattr(EpisodeSampler, "sample", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg, xt, ct, xv, cv, tmp_path / "b.pt", tmp_path / "b.csv")
+    assert torch.load(tmp_path / "b.last.pt", weights_only=True)["step"] == 28
+    assert not (tmp_path / "b.pt").exists()
+    monkeypatch.setattr(EpisodeSampler, "sample", original)
+    resumed = train(cfg, xt, ct, xv, cv, tmp_path / "b.pt", tmp_path / "b.csv")
+
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in "ab")
+    assert a["step"] == b["step"] and all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    ma, mb = (pd.read_csv(tmp_path / f"{n}.csv").drop(columns="elapsed_s") for n in "ab")
+    pd.testing.assert_frame_equal(ma, mb)
+
+    # a `.last.pt` written under another config is not resumed: the run starts afresh
+    monkeypatch.setattr(EpisodeSampler, "sample", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg, xt, ct, xv, cv, tmp_path / "c.pt", tmp_path / "c.csv")
+    monkeypatch.setattr(EpisodeSampler, "sample", original)
+    changed = {**cfg, "lr": 1e-3}
+    fresh = train(changed, xt, ct, xv, cv, tmp_path / "c.pt", tmp_path / "c.csv")
+    reference = train(changed, xt, ct, xv, cv, tmp_path / "d.pt", tmp_path / "d.csv")
+    assert all(torch.equal(v, reference.model.state_dict()[k]) for k, v in fresh.model.state_dict().items())
+
+
+def test_early_stopping(data, tmp_path):
+    (xt, ct, _), (xv, cv, _) = data
+    cfg = {**SMALL, "steps": 100, "eval_every": 5, "checkpoint_every": 100, "min_delta": 10.0, "patience": 2}
+    result = train(cfg, xt, ct, xv, cv, tmp_path / "m.pt", tmp_path / "m.csv")
+    assert result.stopped_early and result.last_step == 15  # first evaluation sets the best, two more fail
+
+
+def test_id_mismatch_names_the_id(data, tmp_path):
+    (xt, ct, _), (xv, cv, _) = data
+    broken = Features(xt.ids[:-1] + ["stray"], xt.values)
+    with pytest.raises(DataContractError, match="'tr0399'"):
+        train({**SMALL, "steps": 1}, broken, ct, xv, cv, tmp_path / "m.pt", tmp_path / "m.csv")
+    with pytest.raises(DataContractError, match="'stray'"):
+        train({**SMALL, "steps": 1}, Features(xt.ids + ["stray"], np.vstack([xt.values, xt.values[:1]])), ct, xv, cv,
+              tmp_path / "m.pt", tmp_path / "m.csv")
+    with pytest.raises(ValueError, match="unknown key"):
+        train({**SMALL, "stepz": 1}, xt, ct, xv, cv, tmp_path / "m.pt", tmp_path / "m.csv")
+
+
+def test_cli_train_and_encode(data, tmp_path):
+    (xt, ct, _), (xv, cv, _) = data
+    paths = {}
+    for name, (x, codes) in {"train": (xt, ct), "val": (xv, cv)}.items():
+        order = np.random.default_rng(0).permutation(len(x.ids))  # features stored in another row order
+        write_h5(tmp_path / f"{name}_x.h5", {"features": x.values[order]}, np.array(x.ids)[order], {"model": "toy"})
+        write_codes(tmp_path / f"{name}_c.h5", codes.ids, codes.indices, codes.values, codes.attrs["d_sae"],
+                    min_nonzero=20, sl=20, provenance={})
+        paths[name] = (tmp_path / f"{name}_x.h5", tmp_path / f"{name}_c.h5")
+    parser = argparse.ArgumentParser()
+    train_cli.register(parser.add_subparsers(dest="command"))
+    params = json.dumps({**SMALL, "steps": 10, "eval_every": 5, "checkpoint_every": 5})
+    args = parser.parse_args([
+        "train", "--train-features", str(paths["train"][0]), "--train-codes", str(paths["train"][1]),
+        "--val-features", str(paths["val"][0]), "--val-codes", str(paths["val"][1]), "--params", params,
+        "--out-ckpt", str(tmp_path / "m.pt"), "--out-metrics", str(tmp_path / "m.csv"), "--device", "cpu"])
+    args.func(args)
+    args = parser.parse_args(["encode", "--ckpt", str(tmp_path / "m.pt"), "--features", str(paths["val"][0]),
+                              "--out", str(tmp_path / "z.h5"), "--device", "cpu"])
+    args.func(args)
+    arrays, ids, attrs = read_h5(tmp_path / "z.h5")
+    _, source_ids, _ = read_h5(paths["val"][0])
+    assert ids == source_ids and arrays["features"].shape == (200, 24) and arrays["features"].dtype == np.float32
+    assert attrs["checkpoint_step"] == torch.load(tmp_path / "m.pt", weights_only=True)["step"]
+    assert attrs["model_config"]["d_in"] == D and attrs["source_attrs"]["model"] == "toy"
+    with h5py.File(tmp_path / "z.h5") as handle:
+        assert set(handle) == {"features", "ids"}
