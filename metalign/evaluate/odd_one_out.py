@@ -4,6 +4,7 @@ model, McFadden pseudo-R² (§10) and the repeated-triplet noise ceiling (§11).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 from pathlib import Path
@@ -134,6 +135,12 @@ def evaluate(representation: np.ndarray, triplets: pd.DataFrame, seed: int = 123
     choices and `seed`, so tables of two representations of the same triplets pair row by row.
     """
     logits = triplet_logits(representation, triplets["i"], triplets["j"], triplets["k"])
+    return score_logits(logits, triplets, seed=seed, n_jobs=n_jobs)
+
+
+def score_logits(logits: np.ndarray, triplets: pd.DataFrame, seed: int = 1234,
+                 n_jobs: int = 2) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """`evaluate` for precomputed (T, 3) logits of the rows of `triplets` (columns participant, choice)."""
     choice = triplets["choice"].to_numpy()
     cv = cross_validate(logits, choice, triplets["participant"].to_numpy(), seed=seed, n_jobs=n_jobs)
     trial = np.flatnonzero(cv.fold >= 0)
@@ -141,15 +148,11 @@ def evaluate(representation: np.ndarray, triplets: pd.DataFrame, seed: int = 123
                               "nll": cv.nll[trial], "correct": cv.correct[trial].astype(bool)})
     if "subject_id" in triplets:
         per_trial["subject_id"] = triplets["subject_id"].to_numpy()[trial]
-    cv_nll = float(per_trial["nll"].mean()) if len(trial) else math.nan
     summary = {
         "zero_shot_acc": zero_shot_accuracy(logits, choice),                      # all triplets (P-29)
         "zero_shot_acc_cv_population": zero_shot_accuracy(logits[trial], choice[trial]) if len(trial) else math.nan,
-        "cv_nll": cv_nll,
-        "cv_acc": float(per_trial["correct"].mean()) if len(trial) else math.nan,
-        "mcfadden_r2": 1.0 - cv_nll / LOG_3,
+        **cv_scores(per_trial),
         "n_participants": int(cv.kept.sum()),
-        "n_trials": int(len(trial)),
         "n_dropped_participants": int((~cv.kept).sum()),
         "n_triplets": int(len(triplets)),
         "n_unconverged_fits": int((~cv.converged).sum()),
@@ -158,19 +161,39 @@ def evaluate(representation: np.ndarray, triplets: pd.DataFrame, seed: int = 123
     return per_trial, summary
 
 
+def cv_scores(per_trial: pd.DataFrame) -> dict[str, float]:
+    """Mean out-of-fold NLL and accuracy, McFadden R² (§10) and the trial count of a per-trial table."""
+    cv_nll = float(per_trial["nll"].mean()) if len(per_trial) else math.nan
+    return {"cv_nll": cv_nll, "cv_acc": float(per_trial["correct"].mean()) if len(per_trial) else math.nan,
+            "mcfadden_r2": 1.0 - cv_nll / LOG_3, "n_trials": int(len(per_trial))}
+
+
 def noise_ceiling(triplets: pd.DataFrame) -> float:
     """1 - mean entropy / log 3 over triplets repeated within a participant (same items in the same order); NaN if
     no triplet is repeated."""
+    return noise_ceiling_summary(triplets)["overall"]
+
+
+def noise_ceiling_summary(triplets: pd.DataFrame) -> dict[str, Any]:
+    """The THINGS ceiling (§11) with the number of repeated triplets it rests on; computed once per triplet file."""
     group = triplets.groupby(["participant", "i", "j", "k"], sort=False).ngroup().to_numpy()
+    ceiling, n_repeated = entropy_ceiling(group, triplets["choice"].to_numpy())
+    return {"overall": ceiling, "n_repeated_triplets": n_repeated}
+
+
+def entropy_ceiling(group: np.ndarray, choice: np.ndarray) -> tuple[float, int]:
+    """1 - mean over groups with ≥ 2 trials of H(empirical choice distribution) / log 3, and the number of such
+    groups. `group` codes repeated presentations, `choice` (0..2) the chosen item in a fixed per-group order."""
+    group, choice = np.asarray(group, dtype=np.int64), np.asarray(choice, dtype=np.int64)
     counts = np.bincount(group)
     repeated = np.flatnonzero(counts >= 2)
     if not len(repeated):
-        return math.nan
-    choice_counts = np.bincount(group * N_CHOICES + triplets["choice"].to_numpy(),
+        return math.nan, 0
+    choice_counts = np.bincount(group * N_CHOICES + choice,
                                 minlength=len(counts) * N_CHOICES).reshape(-1, N_CHOICES)[repeated]
     share = choice_counts / counts[repeated, None]
     entropy = -np.sum(share * np.log(np.where(share > 0, share, 1.0)), axis=1)
-    return float(1.0 - entropy.mean() / LOG_3)
+    return float(1.0 - entropy.mean() / LOG_3), int(len(repeated))
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -186,6 +209,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="HDF5 representation file with datasets 'features' and 'ids'")
     parser.add_argument("--label", required=True, help="name of the representation, e.g. base or meta")
     parser.add_argument("--seed", type=int, default=1234, help="cross-validation fold seed")
+    parser.add_argument("--noise-ceiling", type=Path,
+                        help="cached JSON from `noise-ceiling` (computed from the triplets when absent)")
     parser.add_argument("--out-trials", required=True, type=Path, help="per-trial table (parquet)")
     parser.add_argument("--out-summary", required=True, type=Path, help="summary (JSON)")
     parser.set_defaults(func=run_things)
@@ -198,7 +223,8 @@ def run_things(args: argparse.Namespace) -> None:
                                             source=str(args.features))
     triplets = load_triplets(args.triplets, n_concepts=len(unique_ids))
     per_trial, summary = evaluate(representation, triplets, seed=args.seed)
-    ceiling = noise_ceiling(triplets)
+    ceiling = (noise_ceiling(triplets) if args.noise_ceiling is None
+               else or_nan(json.loads(args.noise_ceiling.read_text())["overall"]))
     summary.update({
         "label": args.label,
         "noise_ceiling": ceiling,
@@ -212,13 +238,18 @@ def run_things(args: argparse.Namespace) -> None:
     })
     with atomic_path(args.out_trials, suffix=".parquet") as tmp:
         per_trial.to_parquet(tmp, index=False)
-    write_json(args.out_summary, _finite(summary))
+    write_json(args.out_summary, finite_json(summary))
 
 
-def _finite(obj: Any) -> Any:
+def or_nan(value: float | None) -> float:
+    """JSON null → NaN."""
+    return math.nan if value is None else float(value)
+
+
+def finite_json(obj: Any) -> Any:
     """NaN/inf -> None so that the summary stays valid JSON."""
     if isinstance(obj, dict):
-        return {key: _finite(value) for key, value in obj.items()}
+        return {key: finite_json(value) for key, value in obj.items()}
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj

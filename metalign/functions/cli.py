@@ -1,4 +1,5 @@
-"""Subcommands of the functions stage: train an SAE, encode features into codes, select functions on codes."""
+"""Subcommands of the functions stage: train or import an SAE, encode features into codes, select functions on
+codes, turn a representation's dimensions into functions, and choose subsets of a function file."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from metalign.functions.codes import write_codes
+from metalign.functions.codes import read_codes, write_codes, write_neurons
+from metalign.functions.prisma import load_pretrained_sae
 from metalign.functions.sae import encode_topk, load_sae, save_sae, train_sae
+from metalign.functions.subsets import LEVELS, choose, write_subset
 from metalign.io import DataContractError, read_h5, write_json
 
 
@@ -28,6 +31,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--metrics", type=Path, help="optional JSON with explained variance, alive fraction, loss trace")
     train.set_defaults(func=run_train)
 
+    imported = subparsers.add_parser("sae-import", help="convert a pretrained ViT-Prisma legacy weights.pt to our SAE format")
+    imported.add_argument("--weights", type=Path, required=True, help="legacy single-file SAE (cfg + state_dict)")
+    imported.add_argument("--out", type=Path, required=True, help="SAE checkpoint (.pt, weights-only loadable)")
+    imported.add_argument("--k", type=int, help="active latents; required if the file's config does not state it")
+    imported.add_argument("--repo", help="where the weights came from (recorded)")
+    imported.add_argument("--revision", help="revision of --repo (recorded)")
+    imported.set_defaults(func=run_import)
+
     encode = subparsers.add_parser("sae-encode", help="encode features with an SAE and select functions")
     encode.add_argument("--sae", type=Path, required=True)
     encode.add_argument("--features", type=Path, required=True)
@@ -43,6 +54,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     select.add_argument("--out", type=Path, required=True)
     _add_selection_args(select)
     select.set_defaults(func=run_select)
+
+    neurons = subparsers.add_parser("functions-neurons",
+                                    help="the dimensions of a representation as functions (median split, protocols §3)")
+    neurons.add_argument("--features", type=Path, required=True)
+    neurons.add_argument("--out", type=Path, required=True)
+    _add_selection_args(neurons)
+    neurons.set_defaults(func=run_neurons)
+
+    subset = subparsers.add_parser("functions-subset", help="a fraction of a function file's functions (links, no copy)")
+    subset.add_argument("--parent", type=Path, required=True, help="function file to choose from")
+    subset.add_argument("--out", type=Path, required=True)
+    subset.add_argument("--fraction", type=float, default=1.0, help="share of the parent's functions to keep")
+    how = subset.add_mutually_exclusive_group()
+    how.add_argument("--seed", type=int, help="random subset drawn with this seed")
+    how.add_argument("--similarity", choices=LEVELS, help="subset with a low, medium or high mean pairwise similarity")
+    subset.set_defaults(func=run_subset)
 
 
 def _add_selection_args(parser: argparse.ArgumentParser) -> None:
@@ -73,14 +100,24 @@ def run_train(args: argparse.Namespace) -> None:
         write_json(args.metrics, metrics)
 
 
+def run_import(args: argparse.Namespace) -> None:
+    sae, meta = load_pretrained_sae(args.weights, args.k)
+    meta["pretrained"] |= {"repo": args.repo, "revision": args.revision}
+    save_sae(args.out, sae, meta)
+
+
 def run_encode(args: argparse.Namespace) -> None:
     sae, meta = load_sae(args.sae)
     features, ids, attrs = read_features(args.features)
     if features.shape[1] != sae.d_in:
         raise DataContractError(f"{args.features} has {features.shape[1]}-d features but SAE {args.sae} expects {sae.d_in}")
     indices, values = encode_topk(features, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, args.batch_size, args.device)
+    origin = meta.get("pretrained", {})
     provenance = {"source": _source(args.features, ids, attrs),
-                  "sae": {"path": str(args.sae), "config": sae.config, "trained_on": meta.get("features", {})}}
+                  "sae": {"path": str(args.sae), "config": sae.config, "trained_on": meta.get("features", {}),
+                          "pretrained": origin},
+                  "layer": origin.get("layer", attrs.get("layer")), "hook": origin.get("hook"),
+                  "sae_repo": origin.get("repo"), "sae_revision": origin.get("revision")}
     write_codes(args.out, ids, indices, values, sae.d_sae, args.min_nonzero, args.sl, provenance)
 
 
@@ -92,3 +129,16 @@ def run_select(args: argparse.Namespace) -> None:
     provenance = {"source": _source(args.codes, ids, attrs), "sae": sae}
     write_codes(args.out, ids, arrays["indices"], arrays["values"], int(attrs["d_sae"]), args.min_nonzero, args.sl,
                 provenance)
+
+
+def run_neurons(args: argparse.Namespace) -> None:
+    features, ids, attrs = read_features(args.features)
+    write_neurons(args.out, ids, features, args.min_nonzero, args.sl, {"source": _source(args.features, ids, attrs)})
+
+
+def run_subset(args: argparse.Namespace) -> None:
+    if args.fraction == 1.0 and args.seed is None and args.similarity is None:
+        write_subset(args.parent, args.out, None, {"method": "all", "fraction": 1.0})
+        return
+    positions, record = choose(read_codes(args.parent), args.fraction, args.seed, args.similarity)
+    write_subset(args.parent, args.out, positions, record)

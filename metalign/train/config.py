@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-MODEL_KEYS = ("hidden", "n_layers", "n_heads", "use_mlp", "mlp_size", "dropout", "rope_base", "model_type")
+MODEL_KEYS = ("hidden", "n_layers", "n_heads", "use_mlp", "mlp_size", "dropout", "rope_base", "model_type", "no_embed")
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class TrainConfig:
     batch_size: int = 1024                 # episodes per optimiser step (1024 = upstream's effective batch, P-15)
     steps: int = 10_000                    # maximum optimiser steps
     lr: float = 2.5e-4
-    weight_decay: float = 0.0              # applied to every parameter except embed.* and the loss weights
+    weight_decay: float = 0.0              # applied to every parameter except the loss weights and, unless
+    decay_embed: bool = False              # ... this is true, the evaluated representation (embed.*; P-27)
     eval_every: int = 100                  # steps between evaluations on the fixed validation episodes
     checkpoint_every: int = 100            # steps between resumable `.last.pt` checkpoints
     log_every: int = 10                    # steps averaged into one `train` row of the metrics CSV
@@ -33,7 +34,8 @@ class TrainConfig:
     min_delta: float = 0.001               # improvement of S that resets the patience counter
     patience: int = 10                     # consecutive evaluations without such an improvement before stopping
     compile: bool = False                  # torch.compile the model (CUDA runs)
-    gpus: int = 1                          # scheduler resource request only; the loop is one process, one device
+    gpus: int = 1                          # devices per run: > 1 runs data-parallel (DDP) under torchrun, one
+                                           # process per GPU; batch_size stays the global batch (P-15)
     # model keys (see metalign.train.model.ModelConfig)
     hidden: int | None = None              # None = input dimension D
     n_layers: int = 1
@@ -42,7 +44,8 @@ class TrainConfig:
     mlp_size: int = 3072
     dropout: float = 0.1                   # attention dropout
     rope_base: float = 10_000.0
-    model_type: str = "transformer"
+    model_type: str = "transformer"        # transformer | lstm | static_linear
+    no_embed: bool = False                 # sequence models without an embed layer (ICL curves only)
 
     def __post_init__(self) -> None:
         positive = ("sl", "batch_size", "steps", "eval_every", "checkpoint_every", "log_every",
@@ -52,6 +55,8 @@ class TrainConfig:
                 raise ValueError(f"train config: {name} must be >= 1, got {getattr(self, name)}")
         if self.sl < 2:
             raise ValueError(f"train config: sl must be >= 2, got {self.sl}")
+        if self.gpus < 0:
+            raise ValueError(f"train config: gpus must be >= 0, got {self.gpus}")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise ValueError(f"train config: eval_batch_size must be >= 1, got {self.eval_batch_size}")
 
@@ -66,9 +71,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def model_dict(self, d_in: int) -> dict[str, Any]:
-        """The model part of the config, for `ModelConfig.from_dict`."""
-        return {"d_in": int(d_in), **{key: getattr(self, key) for key in MODEL_KEYS}}
+    def model_dict(self, d_in: int, n_functions: int) -> dict[str, Any]:
+        """The model part of the config, for `ModelConfig.from_dict` (static_linear also needs the function count)."""
+        extra = {"n_functions": int(n_functions)} if self.model_type == "static_linear" else {}
+        return {"d_in": int(d_in), **{key: getattr(self, key) for key in MODEL_KEYS}, **extra}
 
     @property
     def eval_batch(self) -> int:

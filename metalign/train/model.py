@@ -1,14 +1,16 @@
-"""The meta-learner (protocols §5, §6, §8): a causal sequence model over episode tokens z_t = [m_{t-1}/sigma_m, x_t].
+"""The meta-learners (protocols §5, §6, §8) and their evaluated representation `encode(x)`.
 
-Only the `transformer` model type exists here. Other sequence cores (e.g. an LSTM) plug in through `CORES`; model
-types with a different interface (static_linear, noemb) add their own entry to `MODEL_BUILDERS`.
+Sequence models read episode tokens z_t = [m_{t-1}/sigma_m, x_t] through a causal core (`transformer`: RoPE
+attention blocks; `lstm`), a final LayerNorm and two heads (binary logit, magnitude). `no_embed` drops the embed
+layer: the token is x_t + w·m_{t-1}/sigma_m + b (hidden = D), so the model has no representation to encode (§8).
+`static_linear` sees no episodes: r = LayerNorm(W x + c) and one binary + one magnitude head per training function.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,29 +20,41 @@ from torch.nn import functional as F
 from metalign.io import DataContractError
 from metalign.train.checkpoint import load_checkpoint
 
+MODEL_TYPES = ("transformer", "lstm", "static_linear")
+SEQUENCE_TYPES = ("transformer", "lstm")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
     d_in: int                     # backbone feature dimension D
-    hidden: int | None = None     # width H of the embedding and the blocks; None = D (upstream)
+    hidden: int | None = None     # width H of the embedding and the core; None = D (upstream)
     n_layers: int = 1
-    n_heads: int = 16
-    use_mlp: bool = False
+    n_heads: int = 16             # transformer only
+    use_mlp: bool = False         # transformer only
     mlp_size: int = 3072
     dropout: float = 0.1          # attention dropout (training only)
     rope_base: float = 10_000.0
     model_type: str = "transformer"
+    no_embed: bool = False        # sequence models without an embed layer (ICL curves only)
+    n_functions: int | None = None  # static_linear: number of training functions (output heads)
 
     def __post_init__(self) -> None:
         if self.hidden is None:
             object.__setattr__(self, "hidden", self.d_in)
-        if self.model_type not in MODEL_BUILDERS:
-            raise ValueError(f"model_type {self.model_type!r} is not implemented; known: {sorted(MODEL_BUILDERS)}")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {self.model_type!r} is not implemented; known: {list(MODEL_TYPES)}")
         if self.d_in < 1 or self.hidden < 1 or self.n_layers < 1 or self.n_heads < 1:
             raise ValueError(f"model config: d_in, hidden, n_layers and n_heads must be >= 1: {self}")
-        if self.hidden % self.n_heads or (self.hidden // self.n_heads) % 2:
+        if self.model_type == "transformer" and (self.hidden % self.n_heads or (self.hidden // self.n_heads) % 2):
             raise ValueError(f"model config: hidden ({self.hidden}) / n_heads ({self.n_heads}) must be an even "
                              "integer (RoPE rotates pairs of head dimensions)")
+        if self.no_embed and (self.model_type not in SEQUENCE_TYPES or self.hidden != self.d_in):
+            raise ValueError(f"model config: no_embed needs a sequence model with hidden = d_in = {self.d_in} "
+                             f"(got model_type {self.model_type!r}, hidden {self.hidden})")
+        if (self.model_type == "static_linear") != (self.n_functions is not None):
+            raise ValueError("model config: n_functions is set for (and only for) static_linear")
+        if self.n_functions is not None and self.n_functions < 1:
+            raise ValueError(f"model config: n_functions must be >= 1, got {self.n_functions}")
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
@@ -52,6 +66,10 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def episodic(self) -> bool:
+        return self.model_type in SEQUENCE_TYPES
 
 
 def rotary(x: torch.Tensor, base: float) -> torch.Tensor:
@@ -111,8 +129,30 @@ class TransformerCore(nn.Module):
         return h
 
 
+class TransformerCore(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+
+class LSTMCore(nn.Module):
+    """An LSTM of width H over the embedded tokens (causal by construction)."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.lstm = nn.LSTM(c.hidden, c.hidden, num_layers=c.n_layers, batch_first=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lstm(h)[0]
+
+
 # Sequence cores map embedded tokens (B, T, H) to (B, T, H) causally; they share embed, heads and encode().
-CORES: dict[str, Callable[[ModelConfig], nn.Module]] = {"transformer": TransformerCore}
+CORES: dict[str, Callable[[ModelConfig], nn.Module]] = {"transformer": TransformerCore, "lstm": LSTMCore}
 
 
 def hurdle_objective(bce: torch.Tensor, mse: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
@@ -121,66 +161,111 @@ def hurdle_objective(bce: torch.Tensor, mse: torch.Tensor, log_var: torch.Tensor
     return torch.exp(-s1) * bce + 0.5 * torch.exp(-s2) * mse + 0.5 * (s1 + s2)
 
 
-class MetaLearner(nn.Module):
-    """embed -> causal core -> final LayerNorm -> (binary logit, magnitude) per token.
+class HurdleModel(nn.Module):
+    """Shared loss of every model type: BCE over all outputs, MSE over the fitted ones in sigma_m units.
 
-    `forward` returns magnitudes in raw units (head output x sigma_m); the loss measures them in sigma_m units, i.e.
-    MSE = mean over positives of ((m_hat - m) / sigma_m)^2, so its scale does not depend on the SAE's magnitude scale.
-    The loss weights s1, s2 (`loss_log_var`, init 0) live in the model so that one state dict holds everything.
+    `forward` returns magnitudes in raw units (head output x sigma_m), and the loss divides residuals by sigma_m, so
+    its scale does not depend on the targets' magnitude scale. sigma_m is one scalar (sequence models) or one value
+    per function (static_linear). The loss weights s1, s2 (`loss_log_var`, init 0) live in the model.
     """
 
-    def __init__(self, c: ModelConfig, sigma_m: float = 1.0):
+    representation: tuple[str, ...] = ()  # submodules that encode() uses (weight decay reaches them only on request)
+
+    def __init__(self, c: ModelConfig, sigma_m: float | Sequence[float]):
         super().__init__()
-        if not np.isfinite(sigma_m) or sigma_m <= 0:
+        sigma = torch.as_tensor(np.asarray(sigma_m, dtype=np.float32))
+        if not torch.isfinite(sigma).all() or (sigma <= 0).any():
             raise ValueError(f"sigma_m must be positive and finite, got {sigma_m}")
         self.config = c
-        self.embed = nn.Linear(c.d_in + 1, c.hidden)
+        self.loss_log_var = nn.Parameter(torch.zeros(2))
+        self.register_buffer("sigma_m", sigma)
+
+    def loss(self, logits: torch.Tensor, mag_pred: torch.Tensor, labels: torch.Tensor, mags: torch.Tensor,
+             mse_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hurdle loss in fp32: MSE over the tokens of `mse_mask` (positives; all tokens of dense functions)."""
+        bce = F.binary_cross_entropy_with_logits(logits.float(), labels)
+        residual = (mag_pred.float() - mags) / self.sigma_m
+        mse = (residual.square() * mse_mask).sum() / mse_mask.sum().clamp(min=1)
+        return hurdle_objective(bce, mse, self.loss_log_var), bce.detach(), mse.detach()
+
+
+class MetaLearner(HurdleModel):
+    """embed -> causal core -> final LayerNorm -> (binary logit, magnitude) per token."""
+
+    def __init__(self, c: ModelConfig, sigma_m: float = 1.0):
+        super().__init__(c, sigma_m)
+        if c.no_embed:
+            self.previous = nn.Linear(1, c.d_in)
+        else:
+            self.embed = nn.Linear(c.d_in + 1, c.hidden)
+            self.representation = ("embed",)
         self.core = CORES[c.model_type](c)
         self.ln_f = nn.LayerNorm(c.hidden)
         self.logit_head = nn.Linear(c.hidden, 1)
         self.mag_head = nn.Linear(c.hidden, 1)
-        self.loss_log_var = nn.Parameter(torch.zeros(2))
-        self.register_buffer("sigma_m", torch.tensor(float(sigma_m), dtype=torch.float32))
 
     def forward(self, x: torch.Tensor, mags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, D) features, mags (B, T) true raw magnitudes (teacher forcing) -> logits, magnitudes (B, T)."""
-        previous = F.pad(mags[:, :-1], (1, 0)) / self.sigma_m  # m_0 = 0
-        tokens = torch.cat([previous.unsqueeze(-1).to(x.dtype), x], dim=-1)
-        h = self.ln_f(self.core(self.embed(tokens)))
+        previous = (F.pad(mags[:, :-1], (1, 0)) / self.sigma_m).unsqueeze(-1).to(x.dtype)  # m_0 = 0
+        if self.config.no_embed:
+            tokens = x + self.previous(previous)
+        else:
+            tokens = self.embed(torch.cat([previous, x], dim=-1))
+        h = self.ln_f(self.core(tokens))
         return self.logit_head(h).squeeze(-1), self.mag_head(h).squeeze(-1) * self.sigma_m
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The evaluated representation (protocols §8): embed([0, x]), an affine map R^D -> R^H."""
+        if self.config.no_embed:
+            raise ValueError("a model without an embed layer (no_embed=true) has no representation to encode "
+                             "(protocols §8); use it for in-context-learning curves only")
         return self.embed(F.pad(x, (1, 0)))
 
-    def loss(self, logits: torch.Tensor, mag_pred: torch.Tensor, labels: torch.Tensor,
-             mags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Hurdle loss (sparse targets: MSE over positive tokens only), computed in fp32; returns (L, BCE, MSE)."""
-        bce = F.binary_cross_entropy_with_logits(logits.float(), labels)
-        positive = labels > 0
-        residual = (mag_pred.float() - mags) / self.sigma_m
-        mse = (residual.square() * positive).sum() / positive.sum().clamp(min=1)
-        return hurdle_objective(bce, mse, self.loss_log_var), bce.detach(), mse.detach()
+
+class StaticLinear(HurdleModel):
+    """Multi-task baseline: r = LayerNorm(W x + c), then a binary and a magnitude head per training function.
+
+    sigma_m holds each function's magnitude std, so magnitudes are fitted in per-function standard units (§5).
+    """
+
+    representation = ("embed", "embed_norm")
+
+    def __init__(self, c: ModelConfig, sigma_m: float | Sequence[float] = 1.0):
+        sigma = np.broadcast_to(np.asarray(sigma_m, dtype=np.float32), (c.n_functions,))
+        super().__init__(c, sigma)
+        self.embed = nn.Linear(c.d_in, c.hidden)
+        self.embed_norm = nn.LayerNorm(c.hidden)
+        self.logit_head = nn.Linear(c.hidden, c.n_functions)
+        self.mag_head = nn.Linear(c.hidden, c.n_functions)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, D) -> logits and raw magnitudes (B, F) of every training function."""
+        r = self.encode(x)
+        return self.logit_head(r), self.mag_head(r) * self.sigma_m
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed_norm(self.embed(x))
 
 
-MODEL_BUILDERS: dict[str, Callable[[ModelConfig, float], nn.Module]] = {"transformer": MetaLearner}
+def build_model(config: ModelConfig, sigma_m: float | Sequence[float]) -> HurdleModel:
+    if config.model_type == "static_linear":
+        return StaticLinear(config, sigma_m)
+    return MetaLearner(config, float(np.asarray(sigma_m)))
 
 
-def build_model(config: ModelConfig, sigma_m: float) -> nn.Module:
-    return MODEL_BUILDERS[config.model_type](config, sigma_m)
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """embed.* is never decayed (protocols §7, P-27), nor are the loss weights s1, s2; the rest is decayed."""
+def parameter_groups(model: HurdleModel, weight_decay: float, decay_embed: bool = False) -> list[dict[str, Any]]:
+    """The loss weights s1, s2 are never decayed; the representation (`embed`, protocols §7) only if decay_embed
+    (P-27: otherwise weight decay never reaches the evaluated layer); the rest is decayed."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        (no_decay if name.startswith("embed.") or name == "loss_log_var" else decay).append(param)
+        spared = name == "loss_log_var" or (not decay_embed and name.split(".")[0] in model.representation)
+        (no_decay if spared else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def model_from_checkpoint(ckpt: Mapping[str, Any]) -> nn.Module:
+def model_from_checkpoint(ckpt: Mapping[str, Any]) -> HurdleModel:
     config = ModelConfig.from_dict(ckpt["model_config"])
-    model = build_model(config, float(ckpt["sigma_m"]))
+    model = build_model(config, ckpt["sigma_m"])
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
 
@@ -189,6 +274,9 @@ def encoder_from_checkpoint(ckpt: Mapping[str, Any], source: str, batch_size: in
                             device: str | torch.device = "cpu") -> Callable[[np.ndarray], np.ndarray]:
     model = model_from_checkpoint(ckpt).to(device)
     d_in, hidden = model.config.d_in, model.config.hidden
+    if model.config.no_embed:
+        raise ValueError(f"{source}: variant trained with no_embed=true has no embed layer, so encode() is undefined "
+                         "(protocols §8); it is evaluated by in-context-learning curves only")
 
     @torch.no_grad()
     def encode(features: np.ndarray) -> np.ndarray:

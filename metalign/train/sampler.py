@@ -4,6 +4,10 @@ Per-function positive lists are built once in CSR form (memory O(nnz), never a d
 costs O(sl): positives are drawn from j's list, negatives uniformly from all rows with rejection of j's positives, and
 duplicates are redrawn (P-43). Every draw comes from a generator seeded by (seed, stream, rank, step), so episodes are
 reproducible, independent of call order (resume), and differ across ranks (P-15).
+
+Dense targets (neurons, protocols §3) add an (N, F) magnitude matrix: negatives then carry magnitudes too
+(x − median ≤ 0), membership is read from it in O(1), and the magnitude of a dense function is fitted on every token
+(`mse_mask`), that of a sparse one on positives only (§6).
 """
 
 from __future__ import annotations
@@ -20,15 +24,17 @@ _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 
 
 class Batch(NamedTuple):
-    rows: np.ndarray    # (B, sl) int64 image rows
-    labels: np.ndarray  # (B, sl) float32, 1 = positive of the episode's function
-    mags: np.ndarray    # (B, sl) float32 raw magnitudes, 0 for negatives
+    rows: np.ndarray      # (B, sl) int64 image rows
+    labels: np.ndarray    # (B, sl) float32, 1 = positive of the episode's function
+    mags: np.ndarray      # (B, sl) float32 raw magnitudes (0 for negatives of sparse functions)
+    mse_mask: np.ndarray  # (B, sl) float32, 1 = token whose magnitude is fitted (positives; every token if dense)
 
 
 class EpisodeSet(NamedTuple):
     rows: np.ndarray
     labels: np.ndarray
     mags: np.ndarray
+    mse_mask: np.ndarray
     functions: np.ndarray  # (B,) int64 function index j (column of `EpisodeSampler.latent_id`)
 
 
@@ -36,12 +42,15 @@ class EpisodeSampler:
     """Draws episodes over the kept functions of one split.
 
     offsets (F+1), rows (nnz), mags (nnz): CSR positive lists, rows ascending within each function.
+    dense (N, F) float32, optional: magnitudes of every (row, function), with labels `dense_labels` (N, F) bool and
+    per-function flags `mse_all` (F,) bool (fit the magnitude on every token).
     n_pos is clamped to [sl - max_draw, max_draw] (`max_episode_draw`), the bound that function selection guarantees
     both positives and negatives for; it is validated here again (P-16).
     """
 
     def __init__(self, offsets: np.ndarray, rows: np.ndarray, mags: np.ndarray, n_rows: int, latent_id: np.ndarray,
-                 sl: int, seed: int, rank: int = 0, source: str = "codes"):
+                 sl: int, seed: int, rank: int = 0, source: str = "codes", dense: np.ndarray | None = None,
+                 dense_labels: np.ndarray | None = None, mse_all: np.ndarray | None = None):
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.rows = np.asarray(rows, dtype=np.int64)
         self.mags = np.asarray(mags, dtype=np.float32)
@@ -61,23 +70,42 @@ class EpisodeSampler:
             raise DataContractError(
                 f"{source}: function (latent id {int(self.latent_id[j])}) has {int(self.nnz[j])} positives among "
                 f"{self.n_rows} images; episodes with sl={self.sl} need >= {self.max_draw} positives and negatives")
-        # Sorted (function, row) keys: membership of a row in j's positive list is one searchsorted.
-        self._keys = np.repeat(np.arange(len(self.latent_id), dtype=np.int64), self.nnz) * self.n_rows + self.rows
-        if len(self._keys) > 1 and not (np.diff(self._keys) > 0).all():
+        self.dense, self.dense_labels = dense, dense_labels
+        self.mse_all = np.zeros(self.n_functions, bool) if mse_all is None else np.asarray(mse_all, dtype=bool)
+        if dense is not None and (dense.shape != (self.n_rows, self.n_functions) or dense_labels is None
+                                  or dense_labels.shape != dense.shape or len(self.mse_all) != self.n_functions):
+            raise DataContractError(f"{source}: dense targets must be (N={self.n_rows}, F={self.n_functions}) with "
+                                    f"labels of the same shape and one mse flag per function")
+        if dense is None and self.mse_all.any():
+            raise DataContractError(f"{source}: functions fitted on every token need dense targets")
+        # Sorted (function, row) keys: membership of a row in j's positive list is one searchsorted (sparse targets).
+        keys = np.repeat(np.arange(self.n_functions, dtype=np.int64), self.nnz) * self.n_rows + self.rows
+        if len(keys) > 1 and not (np.diff(keys) > 0).all():
             raise DataContractError(f"{source}: positive rows must be unique and ascending within each function")
+        self._keys = keys if dense is None else None
 
     @classmethod
     def from_codes(cls, codes: Codes, sl: int, seed: int, rank: int = 0, source: str = "codes") -> "EpisodeSampler":
         offsets, rows, mags = codes.by_function()
-        return cls(offsets, rows, mags, len(codes.ids), codes.latent_id, sl, seed, rank, source)
+        dense = labels = None
+        if codes.kind == "neurons":
+            dense, column_dense = codes.dense_targets()
+            labels = np.where(column_dense, dense > 0, dense != 0)
+        return cls(offsets, rows, mags, codes.n_rows, codes.latent_id, sl, seed, rank, source, dense, labels,
+                   codes.function_dense())
 
     @property
     def n_functions(self) -> int:
         return len(self.latent_id)
 
     def magnitude_std(self) -> float:
-        """sigma_m: population std of the non-zero magnitudes of the kept functions (protocols §4)."""
-        return float(np.std(self.mags, dtype=np.float64))
+        """sigma_m (protocols §4): population std of the fitted magnitudes of the kept functions (positives of sparse
+        functions, every row of dense ones)."""
+        if self.dense is None:
+            return float(np.std(self.mags, dtype=np.float64))
+        fitted = self.dense[:, self.mse_all].ravel()
+        positives = self.mags[~self.mse_all[np.repeat(np.arange(self.n_functions), self.nnz)]]
+        return float(np.std(np.concatenate([fitted, positives]), dtype=np.float64))
 
     def sample(self, batch_size: int, step: int) -> Batch:
         """Training episodes of one step; functions uniform over the kept set, deterministic in (seed, rank, step)."""
@@ -98,7 +126,8 @@ class EpisodeSampler:
     def _rng(self, stream: int, rank: int, step: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(stream, rank, int(step))))
 
-    def _draw(self, rng: np.random.Generator, functions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _draw(self, rng: np.random.Generator,
+              functions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         batch, sl = len(functions), self.sl
         n_pos = np.rint(rng.normal(sl / 2, sl / 20, size=batch)).astype(np.int64)
         n_pos = n_pos.clip(sl - self.max_draw, self.max_draw)
@@ -122,11 +151,18 @@ class EpisodeSampler:
         order = np.argsort(rng.random((batch, sl)), axis=1)
         positive = np.take_along_axis(positive, order, axis=1)
         rows = np.take_along_axis(rows, order, axis=1)
+        labels = positive.astype(np.float32)
+        if self.dense is not None:
+            mags = self.dense[rows, functions[:, None]]
+            mse_mask = np.where(self.mse_all[functions][:, None], np.float32(1), labels)
+            return rows, labels, mags, mse_mask
         mags = np.where(positive, self.mags[np.take_along_axis(source, order, axis=1)], 0.0).astype(np.float32)
-        return rows, positive.astype(np.float32), mags
+        return rows, labels, mags, labels.copy()
 
     def _is_positive(self, functions: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Whether each row is a positive of the paired function (sorted queries keep the binary search local)."""
+        if self.dense_labels is not None:
+            return self.dense_labels[rows, functions]
         keys = functions * self.n_rows + rows
         order = np.argsort(keys)
         found = np.empty(len(keys), dtype=np.int64)
