@@ -7,31 +7,39 @@ import importlib
 import logging
 import sys
 
-# Each stage module exposes `register(subparsers)`; adding a stage is one line here.
-STAGE_MODULES = (
-    "metalign.demo.world",
-    "metalign.demo.models",
-    "metalign.manifest",
-    "metalign.extract",
-    "metalign.functions.cli",
-    "metalign.train.cli",
-    "metalign.evaluate.odd_one_out",
-    "metalign.report.tables",
-    "metalign.report.figures",
-)
+# Subcommand → the module whose `register(subparsers)` defines it. Only the module of the command being run is
+# imported (a job should not pay for importing every stage's libraries); `--help` imports them all.
+COMMANDS = {
+    "demo-world": "metalign.demo.world",
+    "demo-vit": "metalign.demo.models",
+    "manifest": "metalign.manifest",
+    "extract": "metalign.extract",
+    "sae-train": "metalign.functions.cli",
+    "sae-encode": "metalign.functions.cli",
+    "functions-select": "metalign.functions.cli",
+    "train": "metalign.train.cli",
+    "encode": "metalign.train.cli",
+    "evaluate-things": "metalign.evaluate.odd_one_out",
+    "things-table": "metalign.report.tables",
+    "figure-things": "metalign.report.figures",
+    "figure-curves": "metalign.report.figures",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metalign", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
-    for name in STAGE_MODULES:
+    modules = [COMMANDS[command]] if command in COMMANDS else sorted(set(COMMANDS.values()))
+    for name in modules:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
