@@ -47,9 +47,11 @@ include: "rules/extract.smk"
 include: "rules/functions.smk"
 include: "rules/train.smk"
 include: "rules/evaluate_things.smk"
+include: "rules/evaluate_behaviour.smk"
 include: "rules/report.smk"
 
 
 rule all:
     input:
         rules.report_all.input,
+        rules.behaviour_all.input,

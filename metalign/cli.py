@@ -23,6 +23,16 @@ COMMANDS = {
     "things-table": "metalign.report.tables",
     "figure-things": "metalign.report.figures",
     "figure-curves": "metalign.report.figures",
+    "evaluate-levels": "metalign.evaluate.levels",
+    "evaluate-category": "metalign.evaluate.learning",
+    "evaluate-reward": "metalign.evaluate.learning",
+    "evaluate-geometry": "metalign.evaluate.geometry",
+    "behaviour-stats": "metalign.evaluate.stats",
+    "noise-ceiling": "metalign.evaluate.stats",
+    "figure-behaviour": "metalign.evaluate.figures",
+    "figure-geometry": "metalign.evaluate.figures",
+    "figure-tsne": "metalign.evaluate.figures",
+    "demo-behaviour": "metalign.demo.learning",
 }
 
 

@@ -42,6 +42,13 @@ def check_references(config: Mapping[str, Any]) -> None:
             validate_spec(config["demo"]["world"])
         except ValueError as err:
             raise ConfigError(f"demo.world: {err}") from None
+        if "behaviour" in config["demo"]:
+            from metalign.demo.learning import validate_spec as validate_behaviour
+
+            try:
+                validate_behaviour(config["demo"]["behaviour"])
+            except ValueError as err:
+                raise ConfigError(f"demo.behaviour: {err}") from None
 
     def need(name: str, pool: Mapping[str, Any], key: str, kind: str) -> None:
         if name not in pool:
@@ -61,3 +68,9 @@ def check_references(config: Mapping[str, Any]) -> None:
             raise ConfigError(f"variants.{name}: hidden ({params['hidden']}) must be divisible by n_heads ({params['n_heads']})")
     for name, bench in config["benchmarks"].items():
         need(bench["dataset"], datasets, f"benchmarks.{name}.dataset", "dataset")
+    reference = config.get("statistics", {}).get("reference")
+    if reference is not None:
+        need(reference, config["variants"], "statistics.reference", "variant")
+    for group, members in config.get("statistics", {}).get("groups", {}).items():
+        for member in members:
+            need(member, config["variants"], f"statistics.groups.{group}", "variant")

@@ -16,6 +16,7 @@ rule things_ooo:
         manifest=f"{R}/manifests/{THINGS['dataset']}.csv",
         triplets=THINGS["triplets"],
         unique_ids=THINGS["unique_ids"],
+        ceiling=f"{R}/alignment/noise_ceiling/things_ooo.json",
     output:
         trials=f"{R}/alignment/things_ooo/{{backbone}}/{{variant}}.parquet",
         summary=f"{R}/alignment/things_ooo/{{backbone}}/{{variant}}.json",
@@ -25,7 +26,7 @@ rule things_ooo:
         f"{R}/logs/things_ooo/{{backbone}}/{{variant}}.log",
     shell:
         "{PY} evaluate-things --triplets {input.triplets} --unique-ids {input.unique_ids} --manifest {input.manifest}"
-        " --features {input.features} --label {wildcards.variant} --seed {params.seed}"
+        " --features {input.features} --label {wildcards.variant} --seed {params.seed} --noise-ceiling {input.ceiling}"
         " --out-trials {output.trials} --out-summary {output.summary} 2> {log}"
 
 

@@ -1,0 +1,289 @@
+"""Simulated behaviour beyond THINGS triplets, in the real file formats (datasets.md), from the demo world.
+
+- Levels: image triplets of the demo THINGS images, typed by the concepts' shape (the coarse class):
+  `within_class` (three concepts of one shape), `between_class` (three shapes), `class_border` (two and one), plus
+  untyped (None) trials, non-experimental trials, repeats in a shuffled order and trials naming an image that does
+  not exist. Paths are Levels-style (`images/<class>/<stem>.JPEG`) whose stems are the THINGS file stems.
+- Category learning: labels are a threshold on one graded planted dimension; choices come from the evaluator's own
+  online logistic learner on the planted features (C = 1) through the softmax choice rule.
+- Reward learning: rewards are 0–100 rescalings of one graded planted dimension; choices come from the evaluator's
+  online Bayesian ridge learner on the planted features through softmax(v / T).
+
+In every task the planted embedding is the generating model, so evaluations have a known answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+from threadpoolctl import threadpool_limits
+
+from metalign.demo.behaviour import log_choice_probabilities, odd_one_out_logits
+from metalign.demo.factors import planted_embedding, sample_concepts
+from metalign.evaluate.learning import LOG_VALUE_FLOOR, online_bayesian_ridge, online_logistic, span_coordinates
+from metalign.evaluate.levels import NONE_TYPE, TRIPLET_TYPES, stem
+from metalign.io import atomic_path, write_csv, write_json
+
+CATEGORY_C = 1.0
+
+
+class Stream(IntEnum):
+    LEVELS = 0
+    CATEGORY = 1
+    REWARD = 2
+
+
+@dataclass(frozen=True)
+class DemoImages:
+    """THINGS-layout images (`<concept>/<file>.jpg`), each image's concept row, the concepts' coarse class and the
+    planted concept embedding (rows = concepts)."""
+
+    image_ids: list[str]
+    concept: np.ndarray
+    coarse: np.ndarray
+    embedding: np.ndarray
+
+    def features(self) -> np.ndarray:
+        """Ideal-observer image features: the planted embedding of each image's concept."""
+        return self.embedding[self.concept]
+
+
+def read_world(world: str | Path) -> DemoImages:
+    """The demo world's THINGS images, concepts (shape = coarse class) and planted embedding, as written."""
+    things = Path(world) / "things"
+    truth = json.loads((things / "ground_truth.json").read_text())
+    unique_ids = [line.strip() for line in (things / "unique_id.txt").read_text().splitlines() if line.strip()]
+    shapes = {c["unique_id"]: c["shape"] for c in truth["concepts"]}
+    embedding = np.loadtxt(things / truth["embedding_file"], ndmin=2)
+    image_ids, concept = [], []
+    for row, unique_id in enumerate(unique_ids):
+        for path in sorted((things / "images" / unique_id).glob("*.jpg")):
+            image_ids.append(f"{unique_id}/{path.name}")
+            concept.append(row)
+    return DemoImages(image_ids, np.asarray(concept), np.asarray([shapes[u] for u in unique_ids]), embedding)
+
+
+def synthetic_images(n_concepts: int, images_per_concept: int, seed: int) -> DemoImages:
+    """The demo world's concepts and planted embedding without rendering: ids in the THINGS layout (for tests and
+    benchmarks that need only ids and the ideal observer)."""
+    concepts = sample_concepts(n_concepts, np.random.default_rng(seed))
+    ids = [f"{c.unique_id}/{c.unique_id}_{n + 1:02d}a.jpg" for c in concepts for n in range(images_per_concept)]
+    return DemoImages(ids, np.repeat(np.arange(n_concepts), images_per_concept),
+                      np.asarray([c.shape for c in concepts]), planted_embedding(concepts))
+
+
+def _rng(seed: int, stream: Stream, *index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, int(stream), *index])
+
+
+def _choose(rng: np.random.Generator, log_p: np.ndarray) -> np.ndarray:
+    """One draw per row of (n, k) log-probabilities."""
+    return (rng.random(len(log_p))[:, None] >= np.cumsum(np.exp(log_p), axis=1)[:, :-1]).sum(axis=1)
+
+
+# --------------------------------------------------------------------------------------------- Levels
+
+
+def _concepts_of(images: DemoImages) -> dict[str, np.ndarray]:
+    classes = sorted(set(images.coarse))
+    return {c: np.flatnonzero(images.coarse == c) for c in classes}
+
+
+def _triplet(rng: np.random.Generator, kind: str | None, by_class: dict[str, np.ndarray]) -> np.ndarray:
+    """Three distinct concepts forming a triplet of the given type (None: any three concepts)."""
+    classes = list(by_class)
+    if kind == "within_class":
+        pool = [c for c in classes if len(by_class[c]) >= 3]
+        return rng.choice(by_class[pool[rng.integers(len(pool))]], 3, replace=False)
+    if kind == "between_class":
+        return np.array([rng.choice(by_class[c]) for c in rng.choice(classes, 3, replace=False)])
+    if kind == "class_border":
+        pool = [c for c in classes if len(by_class[c]) >= 2]
+        pair = pool[rng.integers(len(pool))]
+        other = [c for c in classes if c != pair]
+        odd = rng.choice(by_class[other[rng.integers(len(other))]])
+        return rng.permutation(np.r_[rng.choice(by_class[pair], 2, replace=False), odd])
+    return rng.choice(np.concatenate(list(by_class.values())), 3, replace=False)
+
+
+def levels_path(images: DemoImages, image: int) -> str:
+    """Levels-style path of a THINGS image: another folder and extension, the same file stem."""
+    return f"images/{images.coarse[images.concept[image]]}/{stem(images.image_ids[image])}.JPEG"
+
+
+def simulate_levels(images: DemoImages, spec: Mapping[str, Any], seed: int) -> tuple[dict[str, list[dict]], dict]:
+    """Levels pickle content (participant id → trial dicts) and the ideal observer's expected accuracy by type."""
+    by_class = _concepts_of(images)
+    images_of = {c: np.flatnonzero(images.concept == c) for c in range(len(images.embedding))}
+    data, hits = {}, {kind: [] for kind in (*TRIPLET_TYPES, NONE_TYPE)}
+    for p in range(spec["n_participants"]):
+        rng = _rng(seed, Stream.LEVELS, p)
+        trials: list[dict] = []
+        n_repeat = int(round(spec["repeat_fraction"] * spec["trials_per_participant"]))
+        n_none = int(round(spec["none_fraction"] * spec["trials_per_participant"]))
+        kinds = [TRIPLET_TYPES[i % 3] for i in range(spec["trials_per_participant"] - n_repeat - n_none)]
+        kinds = list(rng.permutation(np.array(kinds + [None] * n_none, dtype=object)))
+        fresh = []
+        for kind in kinds:
+            concepts = _triplet(rng, kind, by_class)
+            fresh.append((kind, np.array([rng.choice(images_of[c]) for c in concepts])))
+        repeats = [(kind, rng.permutation(chosen)) for kind, chosen in
+                   (fresh[i] for i in rng.choice(len(fresh), n_repeat, replace=False))]
+        for kind, chosen in fresh + repeats:
+            logits = odd_one_out_logits(images.embedding, images.concept[chosen][None, :])
+            log_p = log_choice_probabilities(logits, spec["temperature"])
+            selected = int(_choose(rng, log_p)[0])
+            hits[kind or NONE_TYPE].append(float(np.exp(log_p[0, logits[0].argmax()])))
+            paths = [levels_path(images, i) for i in chosen]
+            trials.append({"image1Path": paths[0], "image2Path": paths[1], "image3Path": paths[2],
+                           "selected_image": paths[selected], "exp_trial_type": "exp_trial", "triplet_type": kind})
+        for _ in range(spec["catch_trials"]):
+            trials.insert(int(rng.integers(len(trials) + 1)), {**trials[0], "exp_trial_type": "catch_trial"})
+        for _ in range(spec["missing_image_trials"]):
+            broken = dict(trials[int(rng.integers(len(trials)))])
+            position = next(q for q in (1, 2, 3) if broken[f"image{q}Path"] != broken["selected_image"])
+            broken[f"image{position}Path"] = f"images/missing/n00000000_{p:04d}.JPEG"
+            trials.append(broken)
+        data[f"participant_{p + 1:03d}"] = trials
+    truth = {"temperature": spec["temperature"],
+             "expected_accuracy": {k: float(np.mean(v)) for k, v in hits.items() if v}}
+    return data, truth
+
+
+# --------------------------------------------------------------------------------------------- learning tasks
+
+
+def graded_dimensions(embedding: np.ndarray, min_levels: int = 4) -> np.ndarray:
+    """Planted dimensions with at least `min_levels` distinct values across concepts (no one-hot factor codes)."""
+    return np.flatnonzero([len(np.unique(np.round(col, 6))) >= min_levels for col in embedding.T])
+
+
+def stimulus(image_id: str) -> str:
+    """The real tables' image column: a path containing `stimuli/<concept>/<file>.jpg`."""
+    return f"experiment/stimuli/{image_id}"
+
+
+def simulate_category(images: DemoImages, spec: Mapping[str, Any], seed: int) -> tuple[pd.DataFrame, dict]:
+    """category_learning.csv rows; choices from the online logistic learner on planted features + softmax."""
+    dims = graded_dimensions(images.embedding)
+    rows, truth = [], {"temperature": spec["temperature"], "C": CATEGORY_C, "participants": {}}
+    for p in range(spec["n_participants"]):
+        rng = _rng(seed, Stream.CATEGORY, p)
+        dim = int(dims[p % len(dims)])
+        values = images.embedding[images.concept, dim]
+        threshold = float(np.median(values))
+        shown = rng.choice(len(images.image_ids), spec["n_trials"], replace=len(images.image_ids) < spec["n_trials"])
+        label = (values[shown] > threshold).astype(np.int64)
+        z, _ = span_coordinates(images.features()[shown])
+        log_v = np.maximum(online_logistic(z, label, CATEGORY_C), LOG_VALUE_FLOOR)
+        choice = _choose(rng, log_choice_probabilities(log_v, spec["temperature"]))
+        rows += [{"participant": f"sub-{p + 1:03d}", "trial": t, "image": stimulus(images.image_ids[i]),
+                  "choice": int(c), "true_category_binary": int(y)}
+                 for t, (i, c, y) in enumerate(zip(shown, choice, label))]
+        truth["participants"][f"sub-{p + 1:03d}"] = {"dimension": dim, "threshold": threshold,
+                                                     "accuracy": float(np.mean(choice == label))}
+    return pd.DataFrame(rows), truth
+
+
+def simulate_reward(images: DemoImages, spec: Mapping[str, Any], seed: int) -> tuple[pd.DataFrame, dict]:
+    """reward_learning.csv rows; choices from the online Bayesian ridge learner on planted features + softmax."""
+    dims = graded_dimensions(images.embedding)
+    rows, truth = [], {"temperature": spec["temperature"], "participants": {}}
+    for p in range(spec["n_participants"]):
+        rng = _rng(seed, Stream.REWARD, p)
+        dim = int(dims[p % len(dims)])
+        loading = images.embedding[:, dim]
+        reward_of = np.round(100 * (loading - loading.min()) / (loading.max() - loading.min()))[images.concept]
+        pairs = np.array([rng.choice(len(images.image_ids), 2, replace=False) for _ in range(spec["n_trials"])])
+        z, basis = span_coordinates(images.features()[pairs.T.ravel()])
+        values = online_bayesian_ridge(z[:len(pairs)], z[len(pairs):], reward_of[pairs[:, 0]],
+                                       reward_of[pairs[:, 1]], basis)
+        choice = _choose(rng, log_choice_probabilities(values, spec["temperature"]))
+        better = (reward_of[pairs[:, 1]] > reward_of[pairs[:, 0]]).astype(int)
+        rows += [{"participant": f"sub-{p + 1:03d}", "trial": t, "left_image": stimulus(images.image_ids[a]),
+                  "right_image": stimulus(images.image_ids[b]), "left_reward": int(reward_of[a]),
+                  "right_reward": int(reward_of[b]), "choice": int(c)}
+                 for t, ((a, b), c) in enumerate(zip(pairs, choice))]
+        unequal = reward_of[pairs[:, 0]] != reward_of[pairs[:, 1]]
+        truth["participants"][f"sub-{p + 1:03d}"] = {
+            "dimension": dim, "accuracy": float(np.mean((choice == better)[unequal]))}
+    return pd.DataFrame(rows), truth
+
+
+def concept_metadata(world: str | Path) -> pd.DataFrame:
+    """THINGS_metadata-style table (one row per concept, uniqueID order): the demo's factor labels."""
+    things = Path(world) / "things"
+    truth = json.loads((things / "ground_truth.json").read_text())
+    frame = pd.DataFrame(truth["concepts"])
+    return pd.DataFrame({"uniqueID": frame["unique_id"], "shape": frame["shape"], "colour": frame["colour"],
+                         "texture": frame["texture"], "size": frame["size_label"]})
+
+
+# --------------------------------------------------------------------------------------------- entry points
+
+
+SPEC_KEYS = {
+    "levels": ("n_participants", "trials_per_participant", "repeat_fraction", "none_fraction", "catch_trials",
+               "missing_image_trials", "temperature"),
+    "category": ("n_participants", "n_trials", "temperature"),
+    "reward": ("n_participants", "n_trials", "temperature"),
+}
+
+
+def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The behaviour spec (config `demo.behaviour`): seed plus one block per task, every key present and ≥ 0."""
+    expected = {"seed", *SPEC_KEYS}
+    if not isinstance(spec, Mapping) or set(spec) != expected:
+        raise ValueError(f"demo behaviour spec needs exactly the keys {sorted(expected)}, got "
+                         f"{sorted(spec) if isinstance(spec, Mapping) else spec!r}")
+    for task, keys in SPEC_KEYS.items():
+        block = spec[task]
+        if not isinstance(block, Mapping) or set(block) != set(keys):
+            raise ValueError(f"demo behaviour spec {task!r} needs exactly the keys {sorted(keys)}")
+        bad = [k for k in keys if not isinstance(block[k], (int, float)) or isinstance(block[k], bool) or block[k] < 0]
+        if bad or block["temperature"] <= 0 or block["n_participants"] < 1:
+            raise ValueError(f"demo behaviour spec {task!r}: key(s) {bad or ['temperature/n_participants']} out of "
+                             "range")
+    return dict(spec)
+
+
+def generate_behaviour(world: str | Path, out: str | Path, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Write levels.pkl, category_learning.csv, reward_learning.csv, things_metadata.tsv and ground_truth.json."""
+    spec = validate_spec(spec)
+    out = Path(out)
+    images = read_world(world)
+    with threadpool_limits(limits=1):            # many tiny fits: see metalign.evaluate.learning._sessions
+        levels, levels_truth = simulate_levels(images, spec["levels"], spec["seed"])
+        category, category_truth = simulate_category(images, spec["category"], spec["seed"])
+        reward, reward_truth = simulate_reward(images, spec["reward"], spec["seed"])
+    with atomic_path(out / "levels.pkl", suffix=".pkl") as tmp:
+        tmp.write_bytes(pickle.dumps(levels, protocol=4))
+    write_csv(out / "category_learning.csv", category)
+    write_csv(out / "reward_learning.csv", reward)
+    with atomic_path(out / "things_metadata.tsv", suffix=".tsv") as tmp:
+        concept_metadata(world).to_csv(tmp, sep="\t", index=False)
+    truth = {"spec": spec, "levels": levels_truth, "category": category_truth, "reward": reward_truth}
+    write_json(out / "ground_truth.json", truth)
+    return truth
+
+
+def _cli(args: argparse.Namespace) -> None:
+    truth = generate_behaviour(args.world, args.out, json.loads(args.spec))
+    print(f"demo behaviour in {args.out}: Levels ideal-observer accuracy {truth['levels']['expected_accuracy']}")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo-behaviour", help="simulated Levels, category and reward learning data",
+                                   description=__doc__)
+    parser.add_argument("--world", required=True, type=Path, help="demo world folder (from demo-world)")
+    parser.add_argument("--spec", required=True, help="the behaviour spec as JSON (config `demo.behaviour`)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.set_defaults(func=_cli)
