@@ -21,6 +21,10 @@ from metalign.config import check_references, variant_params  # noqa: E402
 
 check_references(config)
 
+from metalign.download import check_download_references  # noqa: E402
+
+check_download_references(config)
+
 R = config["results"]
 RES = config["resources"]
 PY = f"{sys.executable} -m metalign"
@@ -43,6 +47,7 @@ VARIANTS = list(config["variants"])
 
 if "demo" in config:
     include: "rules/demo.smk"
+include: "rules/download.smk"
 include: "rules/extract.smk"
 include: "rules/functions.smk"
 include: "rules/train.smk"
@@ -55,3 +60,5 @@ rule all:
     input:
         rules.report_all.input,
         rules.behaviour_all.input,
+        rules.downloads.input,
+        expand(f"{R}/embeddings/{{dataset}}/{{backbone}}.h5", dataset=list(config["datasets"]), backbone=BACKBONES),

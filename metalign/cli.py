@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "demo-world": "metalign.demo.world",
     "demo-vit": "metalign.demo.models",
+    "download": "metalign.download",
     "manifest": "metalign.manifest",
     "extract": "metalign.extract",
     "sae-train": "metalign.functions.cli",

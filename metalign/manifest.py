@@ -5,8 +5,8 @@ Layouts are data (config `datasets.<name>.layout`), so adding a dataset in a kno
   within a concept; label = concept. Concepts listed in `unique_ids` but absent on disk are an error.
 - `flat`: `<root>/<file>` (COCO `train2017/`), files sorted by name; no label.
 - `class_folders`: `<root>/<class>/<file>` (ImageNet-style), classes and files sorted by name; label = class.
-- `webdataset`: `<root>/*.tar` shards sorted by name, samples in shard order; image_id = sample key, path =
-  `<shard>::<member>`, label = the sample's `.cls` field (the ImageNet class index) or empty.
+- `webdataset`: `<root>/**/*.tar` shards sorted by path, samples in shard order; image_id = sample key, path =
+  `<shard>.tar/<member>`, label = the sample's `.cls` field (the ImageNet class index) or empty.
 
 With `checksums`, a `sha256` column records each image's bytes; extraction then refuses an image whose bytes changed
 (it hashes the bytes it reads anyway, so the check costs no extra I/O).
@@ -63,7 +63,7 @@ def build_manifest(layout: str, root: str | Path, split: str, unique_ids: str | 
         for folder in sorted(p for p in root.iterdir() if p.is_dir()):
             rows += [(f"{folder.name}/{p.name}", str(p), folder.name) for p in _images_in(folder)]
     elif layout == "webdataset":
-        for shard in sorted(root.glob("*.tar")):
+        for shard in sorted(root.rglob("*.tar")):  # hub repos may keep shards in a subfolder
             rows += [(s.key, member_path(shard, s.member), s.label) for s in list_images(shard)]
     else:
         raise DataContractError(f"unknown manifest layout {layout!r}; known: {', '.join(LAYOUTS)}")

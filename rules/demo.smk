@@ -6,6 +6,7 @@ rule demo_world:
         world=f"{RES}/world/world.json",
         triplets=f"{RES}/world/things/triplets.tsv",
         unique_ids=f"{RES}/world/things/unique_id.txt",
+        planted=f"{RES}/world/things/spose_embedding_23d_sorted.txt",  # 23 = the factor space of metalign.demo.factors
     params:
         spec=as_json(config["demo"]["world"]),
         out=f"{RES}/world",

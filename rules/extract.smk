@@ -13,12 +13,13 @@ rule manifest:
     params:
         entry=lambda wc: _dataset(wc),
         unique_ids=lambda wc: f"--unique-ids {_dataset(wc)['unique_ids']}" if "unique_ids" in _dataset(wc) else "",
+        checksums=lambda wc: "--checksums" if _dataset(wc).get("checksums") else "",
         expected=lambda wc: f"--expected-count {_dataset(wc)['expected_count']}" if "expected_count" in _dataset(wc) else "",
     log:
         f"{R}/logs/manifest/{{dataset}}.log",
     shell:
         "{PY} manifest --layout {params.entry[layout]} --root {params.entry[root]} --split {params.entry[split]}"
-        " {params.unique_ids} {params.expected} --out {output} 2> {log}"
+        " {params.unique_ids} {params.expected} {params.checksums} --out {output} 2> {log}"
 
 
 rule extract:
@@ -38,4 +39,4 @@ rule extract:
         f"{R}/logs/extract/{{dataset}}/{{backbone}}.log",
     shell:
         "{PY} extract --backbone {params.entry} --manifest {input.manifest} --out {output}"
-        " --batch-size {params.opts[batch_size]} --workers {params.opts[workers]} {params.amp} 2> {log}"
+        " --batch-size {params.opts[batch_size]} --workers {params.opts[workers]} --threads {threads} {params.amp} 2> {log}"
