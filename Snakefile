@@ -54,11 +54,13 @@ include: "rules/train.smk"
 include: "rules/evaluate_things.smk"
 include: "rules/evaluate_behaviour.smk"
 include: "rules/report.smk"
+include: "rules/evaluate_brain.smk"
 
 
 rule all:
     input:
         rules.report_all.input,
         rules.behaviour_all.input,
+        rules.brain_all.input,
         rules.downloads.input,
         expand(f"{R}/embeddings/{{dataset}}/{{backbone}}.h5", dataset=list(config["datasets"]), backbone=BACKBONES),

@@ -34,6 +34,13 @@ COMMANDS = {
     "figure-geometry": "metalign.evaluate.figures",
     "figure-tsne": "metalign.evaluate.figures",
     "demo-behaviour": "metalign.demo.learning",
+    "demo-fmri": "metalign.demo.fmri",
+    "brain-prepare-things": "metalign.brain.cli",
+    "brain-prepare-bold5000": "metalign.brain.cli",
+    "brain-encode": "metalign.brain.cli",
+    "brain-table": "metalign.brain.cli",
+    "figure-brain-rois": "metalign.brain.cli",
+    "figure-brain-volume": "metalign.brain.cli",
 }
 
 

@@ -42,6 +42,13 @@ def check_references(config: Mapping[str, Any]) -> None:
             validate_spec(config["demo"]["world"])
         except ValueError as err:
             raise ConfigError(f"demo.world: {err}") from None
+        if "fmri" in config["demo"]:
+            from metalign.demo.fmri import validate_spec as validate_fmri
+
+            try:
+                validate_fmri(config["demo"]["fmri"])
+            except ValueError as err:
+                raise ConfigError(f"demo.fmri: {err}") from None
         if "behaviour" in config["demo"]:
             from metalign.demo.learning import validate_spec as validate_behaviour
 
@@ -68,6 +75,9 @@ def check_references(config: Mapping[str, Any]) -> None:
             raise ConfigError(f"variants.{name}: hidden ({params['hidden']}) must be divisible by n_heads ({params['n_heads']})")
     for name, bench in config["benchmarks"].items():
         need(bench["dataset"], datasets, f"benchmarks.{name}.dataset", "dataset")
+    fmri = config["benchmarks"].get("things_fmri")
+    if fmri:
+        need(fmri["figure_variant"], config["variants"], "benchmarks.things_fmri.figure_variant", "variant")
     reference = config.get("statistics", {}).get("reference")
     if reference is not None:
         need(reference, config["variants"], "statistics.reference", "variant")

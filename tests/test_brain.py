@@ -1,0 +1,354 @@
+"""Brain alignment: file formats, CV schemes, ridge against himalaya and a naive loop, statistics against hand
+computations, recovery of planted encodings, the leak that the leakage-free scheme removes, tables, figures, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from threadpoolctl import threadpool_limits
+
+from metalign.brain import bold5000, cv, stats, things
+from metalign.brain.encoding import encode, read_encoding, stimulus_rows, write_encoding
+from metalign.brain.hdf import read_rows_by_id, write_frame
+from metalign.brain.ridge import GroupedRidgeCV, alpha_grid, himalaya_fit_predict
+from metalign.brain.subject import read_subject, write_subject
+from metalign.demo import fmri as demo_fmri
+from metalign.io import DataContractError
+
+ALPHAS = alpha_grid(-3, 5, 40)
+SPEC = {"seed": 7,
+        "things": {"n_subjects": 2, "n_sessions": 6, "n_test_images": 10, "runs_per_session": 2, "volume": [9, 10, 8],
+                   "image_sd": 0.6, "session_sd": 0.2, "trial_sd": 0.8},
+        "bold5000": {"n_subjects": 1, "n_sessions": 4, "n_repeated": 8, "n_coco": 12, "voxels_per_roi": 6,
+                     "runs_per_session": 2, "image_sd": 0.5, "session_sd": 0.2, "trial_sd": 0.8}}
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """The demo world's THINGS files that the fMRI simulator reads: ids, planted embedding, image names."""
+    root = tmp_path_factory.mktemp("world")
+    things_dir = root / "things"
+    rng = np.random.default_rng(0)
+    concepts = [f"concept{c:02d}" for c in range(30)]
+    (things_dir / "images").mkdir(parents=True)
+    (things_dir / "unique_id.txt").write_text("".join(c + "\n" for c in concepts))
+    np.savetxt(things_dir / "spose_embedding_8d_sorted.txt", np.abs(rng.standard_normal((30, 8))), fmt="%.6f")
+    for c in concepts:
+        (things_dir / "images" / c).mkdir()
+        for k in range(4):
+            (things_dir / "images" / c / f"{c}_{k:02d}a.jpg").write_bytes(b"")
+    return root
+
+
+@pytest.fixture(scope="module")
+def fmri_dir(world, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fmri")
+    demo_fmri.generate(world, out, SPEC)
+    return out
+
+
+@pytest.fixture(scope="module")
+def subject(fmri_dir):
+    return things.load_subject(fmri_dir / "things_fmri" / "betas_csv", "01", nc_threshold=5.0)
+
+
+def planted(world, subject) -> np.ndarray:
+    images, features = demo_fmri.read_world(world)
+    return features[stimulus_rows(subject, images, "planted")]
+
+
+# ----------------------------------------------------------------------------------------------- formats
+
+
+def test_fixed_frame_rows_by_id_not_position(tmp_path):
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame(rng.standard_normal((40, 6)).astype(np.float32), columns=[str(i) for i in range(6)])
+    frame.insert(0, "voxel_id", rng.permutation(40).astype(np.int64))  # rows deliberately not in id order (P-21)
+    write_frame(tmp_path / "r.h5", frame, "ResponseData")
+    values, columns = read_rows_by_id(tmp_path / "r.h5", "voxel_id", [7, 0, 39])
+    assert columns == [str(i) for i in range(6)]
+    np.testing.assert_array_equal(values, frame.set_index("voxel_id").loc[[7, 0, 39]].to_numpy())
+    with pytest.raises(DataContractError, match="voxel_id 99 not found"):
+        read_rows_by_id(tmp_path / "r.h5", "voxel_id", [99])
+    if importlib.util.find_spec("tables"):  # pandas needs PyTables to read HDF5; the layout must be pandas'
+        pd.testing.assert_frame_equal(pd.read_hdf(tmp_path / "r.h5"), frame)
+
+
+def test_things_reader_selects_by_nc_and_joins_by_id(fmri_dir, subject):
+    betas_dir = fmri_dir / "things_fmri" / "betas_csv"
+    voxels = pd.read_csv(betas_dir / "sub-01_VoxelMetadata.csv")
+    stimuli = pd.read_csv(betas_dir / "sub-01_StimulusMetadata.csv")
+    chosen = voxels[voxels["nc_singletrial"] > 5.0]
+    assert list(subject.voxel_id) == chosen["voxel_id"].astype(str).tolist()
+    np.testing.assert_allclose(subject.nc, chosen["nc_singletrial"] / 100)
+    assert subject.betas.shape == (len(stimuli), len(chosen))
+    assert subject.stimulus[0] == f"{stimuli['concept'][0]}/{stimuli['stimulus'][0]}"
+    # the same file with its rows shuffled gives the same subject: rows are found by voxel_id
+    frame = pd.DataFrame(read_rows_by_id(betas_dir / "sub-01_ResponseData.h5", "voxel_id", voxels["voxel_id"])[0],
+                         columns=[str(i) for i in range(len(stimuli))])
+    frame.insert(0, "voxel_id", voxels["voxel_id"].to_numpy(np.int64))
+    shuffled = betas_dir.parent / "shuffled"
+    shuffled.mkdir(exist_ok=True)
+    write_frame(shuffled / "sub-01_ResponseData.h5", frame.sample(frac=1.0, random_state=0), "ResponseData")
+    for name in ("VoxelMetadata", "StimulusMetadata"):
+        (shuffled / f"sub-01_{name}.csv").write_text((betas_dir / f"sub-01_{name}.csv").read_text())
+    np.testing.assert_array_equal(things.load_subject(shuffled, "01", 5.0).betas, subject.betas)
+    with pytest.raises(DataContractError, match="no voxel has nc_singletrial > 1000"):
+        things.load_subject(betas_dir, "01", 1000.0)
+
+
+def test_subject_file_round_trip(tmp_path, subject):
+    write_subject(tmp_path / "s.h5", subject)
+    back = read_subject(tmp_path / "s.h5")
+    np.testing.assert_array_equal(back.betas, subject.betas)
+    assert list(back.stimulus) == list(subject.stimulus) and back.roi_names == subject.roi_names
+    np.testing.assert_array_equal(back.xyz, subject.xyz)
+    with pytest.raises(DataContractError, match="not found"):
+        read_subject(tmp_path / "missing.h5")
+
+
+def test_bold5000_reader_drops_coco_after_noise_ceiling(fmri_dir):
+    root = fmri_dir / "bold5000"
+    trials = bold5000.read_presentation_lists(root, "CSI1")
+    sub = bold5000.load_subject(root, "CSI1", nc_threshold=0.0)
+    n_coco = int(trials["stimulus"].str.startswith("COCO_").sum())
+    assert n_coco > 0 and len(sub.betas) == len(trials) - n_coco
+    assert not any(s.startswith("COCO_") for s in sub.stimulus)
+    assert trials["marked_repeat"].sum() == SPEC["bold5000"]["n_repeated"] * SPEC["bold5000"]["n_sessions"]
+    assert sub.match == "basename" and sub.rois.sum(1).tolist() == [1] * sub.rois.shape[0]
+    with pytest.raises(DataContractError, match="not found"):
+        bold5000.load_subject(root, "CSI1", 0.0, rois=["LHV9"])
+
+
+# ----------------------------------------------------------------------------------------------- CV
+
+
+def _design():
+    """THINGS-like: 4 sessions of 5 once-shown images plus the same 3 test images in every session."""
+    sessions, images = [], []
+    for s in range(4):
+        for k in range(5):
+            sessions.append(s), images.append(f"train{s}_{k}")
+        for k in range(3):
+            sessions.append(s), images.append(f"test{k}")
+    return np.array(sessions), np.array(images)
+
+
+def test_leakage_free_schemes_never_share_an_image():
+    sessions, images = _design()
+    labels, outer = cv.outer_folds("heldout_session", sessions, images, None, seed=0)
+    assert len(outer) == 4 and cv.shared_images(outer, images) == 0
+    for train, test in outer:
+        assert not any(i.startswith("test") for i in images[train])  # repeated test images never trained on
+        assert set(sessions[test]) == {sessions[test][0]}
+        inner = cv.inner_splits("heldout_session", sessions[train], images[train], 3, seed=0)
+        assert len(inner) == 3 and cv.shared_images(inner, images[train]) == 0
+    _, kfold = cv.outer_folds("image_kfold", sessions, images, 4, seed=0)
+    assert cv.shared_images(kfold, images) == 0
+    tested = np.concatenate([test for _, test in kfold])
+    assert sorted(tested) == list(range(len(images)))  # every trial tested once, all repeats of an image together
+    _, leaky = cv.outer_folds("upstream_leaky", sessions, images, None, seed=0)
+    assert cv.shared_images(leaky, images) == 4 * 3  # each held-out session's 3 test images are also in training
+    with pytest.raises(DataContractError, match="both training and test"):
+        cv.check_splits(leaky, images, leaky_ok=False, where="upstream")
+
+
+# ----------------------------------------------------------------------------------------------- ridge
+
+
+def _naive_cv_mse(X, Y, alphas, splits):
+    """Per-α closed-form ridge with intercept on every split: the definition the fast solver must match."""
+    out = np.zeros((len(alphas), Y.shape[1]))
+    for train, val in splits:
+        mx, my = X[train].mean(0), Y[train].mean(0)
+        xt, yt = X[train] - mx, Y[train] - my
+        for a, alpha in enumerate(alphas):
+            w = np.linalg.solve(xt.T @ xt + alpha * np.eye(X.shape[1]), xt.T @ yt)
+            out[a] += (((Y[val] - my) - (X[val] - mx) @ w) ** 2).mean(0)
+    return out / len(splits)
+
+
+@pytest.mark.parametrize("case", ["dense", "degenerate", "wide"])
+def test_grouped_ridge_matches_himalaya_and_naive(case):
+    rng = np.random.default_rng(3)
+    if case == "dense":
+        X = rng.standard_normal((150, 12)) * rng.uniform(0.2, 4, 12) + 2
+    elif case == "degenerate":  # one-hot with equal counts (tied eigenvalues) plus a duplicated column (rank-deficient)
+        onehot = np.repeat(np.eye(6), 25, axis=0)
+        X = np.hstack([onehot, onehot[:, :1]])
+    else:  # more features than trials
+        X = rng.standard_normal((60, 150))
+    Y = X @ rng.standard_normal((X.shape[1], 15)) * rng.uniform(0, 1, 15) + rng.standard_normal((len(X), 15)) * 3
+    X_test = rng.standard_normal((9, X.shape[1]))
+    groups = rng.permutation(len(X)) % 4
+    splits = [(np.flatnonzero(groups != g), np.flatnonzero(groups == g)) for g in range(4)]
+    pred, best, mse = GroupedRidgeCV(ALPHAS, splits, dtype="float64").fit_predict(X, Y, X_test)
+    with threadpool_limits(limits=1, user_api="blas"):  # tiny problems: BLAS threads only add overhead
+        ref_pred, ref_best = himalaya_fit_predict(X, Y, X_test, ALPHAS, splits)
+        naive = _naive_cv_mse(X, Y, ALPHAS, splits)
+    np.testing.assert_array_equal(best, ref_best)
+    np.testing.assert_allclose(pred, ref_pred, rtol=1e-5, atol=1e-5 * np.abs(ref_pred).max())
+    np.testing.assert_array_equal(best, naive.argmin(0))
+    np.testing.assert_allclose(mse, naive.min(0), rtol=1e-6)
+
+
+def test_torch_backend_matches_numpy():
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    X, X_test = rng.standard_normal((80, 10)), rng.standard_normal((5, 10))
+    Y = X @ rng.standard_normal((10, 6)) + rng.standard_normal((80, 6))
+    splits = cv.inner_splits("image_kfold", np.zeros(80), np.arange(80).astype(str), 4, seed=0)
+    ref = GroupedRidgeCV(ALPHAS, splits, backend="numpy", dtype="float64").fit_predict(X, Y, X_test)
+    got = GroupedRidgeCV(ALPHAS, splits, backend="torch", dtype="float64").fit_predict(X, Y, X_test)
+    np.testing.assert_array_equal(got[1], ref[1])
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+def test_statistics_against_hand_computations():
+    assert stats.sign_flip_pvalue([1.0, 2.0, 3.0]) == pytest.approx(2 / 8)  # |±1±2±3| ≥ 6 only for ±(1,1,1)
+    assert stats.sign_flip_pvalue([1.0, -1.0]) == 1.0
+    d = np.random.default_rng(0).standard_normal(7) + 0.5
+    flips = [[1 if (m >> i) & 1 else -1 for i in range(7)] for m in range(2 ** 7)]
+    naive = np.mean([abs(np.dot(f, d)) >= abs(d.sum()) - 1e-12 for f in flips])
+    assert stats.sign_flip_pvalue(d) == pytest.approx(naive)
+    chi2, p = stats.fisher_combine([0.05, 0.2])
+    x = -2 * (np.log(0.05) + np.log(0.2))
+    assert chi2 == pytest.approx(x)
+    assert p == pytest.approx(np.exp(-x / 2) * (1 + x / 2))  # χ²(4) survival function in closed form
+    assert stats.fisher_combine([0.0])[0] == pytest.approx(-2 * np.log(1e-16))
+    np.testing.assert_allclose(stats.bh_fdr([0.01, 0.04, 0.03, 0.5, np.nan]), [0.04, 0.16 / 3, 0.16 / 3, 0.5, np.nan])
+    assert stats.stars(0.004, 0.1, 0.2) == "**" and stats.stars(0.2, 1, 1) == ""
+    assert stats.stars(0.0001, -0.1, -0.2) == ""  # both models below 0: no mark
+    membership = np.array([[1, 0], [0, 1], [0, 1], [0, 1]], dtype=bool)
+    values = np.array([[1.0], [3.0], [3.0], [3.0]])
+    merged = stats.roi_fold_values(values, ["lFFA", "rFFA"], membership, ["FFA", "PPA"])
+    assert merged["value"].tolist() == [2.0] and merged["n_voxels"].tolist() == [4]  # unweighted: (1 + 3) / 2
+
+
+def test_noise_ceiling_recovers_planted_snr():
+    rng = np.random.default_rng(5)
+    images = np.repeat(np.arange(300), 4)
+    signal = rng.standard_normal((300, 3)) * np.array([1.0, 0.5, 0.0])
+    betas = signal[images] + rng.standard_normal((len(images), 3))
+    nc = stats.noise_ceiling(betas, images.astype(str))
+    np.testing.assert_allclose(nc, [0.5, 0.2, 0.0], atol=0.04)  # s² / (s² + σ²) for one trial
+    with pytest.raises(DataContractError, match="repeated"):
+        stats.noise_ceiling(betas[:5], list("abcde"))
+
+
+# ----------------------------------------------------------------------------------------------- recovery and leak
+
+
+def test_planted_features_beat_random_features(world, subject):
+    features = planted(world, subject)
+    random = np.random.default_rng(0).standard_normal(features.shape)
+    good = encode(subject, features, "heldout_session", ALPHAS, n_inner=3, seed=0)
+    bad = encode(subject, random, "heldout_session", ALPHAS, n_inner=3, seed=0)
+    roi = subject.rois.any(1)
+    assert np.nanmean(good.r2[roi]) > 0.15 and np.nanmean(bad.r2[roi]) < 0.02
+    assert np.nanmean(good.r2_norm[roi]) > np.nanmean(bad.r2_norm[roi]) + 0.3
+    assert good.attrs["scheme"] == "heldout_session" and all(f["shared_images"] == 0 for f in good.attrs["per_fold"])
+
+
+def test_leakage_free_scheme_removes_the_repeat_leak(world, subject):
+    """Image-specific responses repeat across sessions; per-image features let a leaky CV fit them."""
+    codes = pd.factorize(pd.Series(subject.stimulus))[0]
+    identity = np.eye(codes.max() + 1)[codes]  # one feature per image: memorises repeated images
+    features = np.hstack([planted(world, subject), identity])
+    free = encode(subject, features, "heldout_session", ALPHAS, n_inner=3, seed=0)
+    leaky = encode(subject, features, "upstream_leaky", ALPHAS, n_inner=3, seed=0)
+    roi = subject.rois.any(1)
+    assert np.nanmean(leaky.r2[roi]) > np.nanmean(free.r2[roi]) + 0.05
+    assert all(f["shared_images"] > 0 for f in leaky.attrs["per_fold"])
+
+
+# ----------------------------------------------------------------------------------------------- tables, figures, CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    from metalign.brain import cli as brain_cli
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    brain_cli.register(sub)
+    demo_fmri.register(sub)
+    return parser
+
+
+def _run(*argv: str) -> None:
+    args = _parser().parse_args([str(a) for a in argv])
+    args.func(args)
+
+
+def test_cli_tables_and_figures(tmp_path, world, fmri_dir, monkeypatch):
+    import gc
+
+    from metalign.io import write_h5
+
+    # nilearn forces a full garbage collection on every image access; in the large pytest heap that costs seconds
+    monkeypatch.setattr(gc, "collect", lambda *args: 0)
+    images, features = demo_fmri.read_world(world)
+    rng = np.random.default_rng(2)
+    feature_files = {"base": rng.standard_normal(features.shape),
+                     "main": np.hstack([features, rng.standard_normal(features.shape)])}
+    for name, values in feature_files.items():
+        write_h5(tmp_path / f"{name}.h5", {"features": values.astype(np.float32)}, images, {})
+    grid = json.dumps({"log10_min": -3, "log10_max": 5, "n": 30})
+    encodings = []
+    for p in ("01", "02"):
+        _run("brain-prepare-things", "--betas-dir", fmri_dir / "things_fmri" / "betas_csv", "--subject", p,
+             "--out", tmp_path / f"sub-{p}.h5")
+        for variant in feature_files:
+            out = tmp_path / "enc" / "heldout_session" / "bb" / variant / f"sub-{p}.h5"
+            _run("brain-encode", "--subject-file", tmp_path / f"sub-{p}.h5", "--features", tmp_path / f"{variant}.h5",
+                 "--scheme", "heldout_session", "--alphas", grid, "--n-inner", "3", "--backend", "numpy", "--out", out)
+            encodings.append(out)
+    rois = json.dumps(["V1", "V2", "EBA", "FFA", "LOC"])
+    _run("brain-table", "--encodings", *encodings, "--rois", rois, "--out-folds", tmp_path / "folds.csv",
+         "--out-stats", tmp_path / "stats.csv", "--out-alphas", tmp_path / "alphas.csv")
+    table = pd.read_csv(tmp_path / "stats.csv")
+    assert set(table["variant"]) == {"main"} and {"p_sub-01", "p_sub-02", "q_fdr", "stars"} <= set(table.columns)
+    assert (table["diff"] > 0).mean() >= 0.8  # the planted features are in "main" only
+    assert (table["p_sub-01"] >= 2 / 2 ** SPEC["things"]["n_sessions"]).all() and (table["df"] == 4).all()
+    folds = pd.read_csv(tmp_path / "folds.csv")
+    assert folds.groupby(["variant", "subject", "roi"]).size().eq(SPEC["things"]["n_sessions"]).all()
+    alphas = pd.read_csv(tmp_path / "alphas.csv")
+    assert alphas[["frac_low_edge", "frac_high_edge"]].to_numpy().max() <= 1 and len(alphas) == 4
+    _run("figure-brain-rois", "--folds", tmp_path / "folds.csv", "--stats", tmp_path / "stats.csv", "--scheme",
+         "heldout_session", "--rois", rois, "--title", "demo", "--out", tmp_path / "rois.png")
+    base = [e for e in encodings if e.parent.name == "base"]
+    meta = [e for e in encodings if e.parent.name == "main"]
+    masks = [fmri_dir / "things_fmri" / "brainmasks" / f"sub-{p}_space-T1w_brainmask.nii.gz" for p in ("01", "02")]
+    _run("figure-brain-volume", "--base", *base, "--meta", *meta, "--masks", *masks, "--label", "main",
+         "--title", "demo", "--out", tmp_path / "volume.png")
+    assert (tmp_path / "rois.png").stat().st_size > 5000 and (tmp_path / "volume.png").stat().st_size > 5000
+    arrays, ids, attrs = read_encoding(encodings[0])
+    assert arrays["r2"].shape == (len(ids), SPEC["things"]["n_sessions"]) and attrs["leaky"] is False
+
+
+def test_encoding_errors_name_the_problem(tmp_path, subject):
+    with pytest.raises(DataContractError, match="no features"):
+        stimulus_rows(subject, ["other/image.jpg"], "f.h5")
+    with pytest.raises(ValueError, match="unknown CV scheme"):
+        encode(subject, np.zeros((len(subject.betas), 2)), "kfold", ALPHAS, 3, 0)
+    with pytest.raises(DataContractError, match="inner session groups"):
+        encode(subject, np.zeros((len(subject.betas), 2)), "heldout_session", ALPHAS, 50, 0)
+    with pytest.raises(ValueError, match="things.volume"):
+        demo_fmri.validate_spec({**SPEC, "things": {**SPEC["things"], "volume": [3, 3]}})
+    with pytest.raises(ValueError, match="unknown key"):
+        demo_fmri.validate_spec({**SPEC, "extra": 1})
+    features = np.random.default_rng(9).standard_normal((len(subject.betas), 4))
+    write_encoding(tmp_path / "e.h5", subject, encode(subject, features, "heldout_session", ALPHAS, 3, 0), {})
+    assert read_encoding(tmp_path / "e.h5")[2]["scheme"] == "heldout_session"
