@@ -55,6 +55,7 @@ include: "rules/evaluate_things.smk"
 include: "rules/evaluate_behaviour.smk"
 include: "rules/report.smk"
 include: "rules/evaluate_brain.smk"
+include: "rules/evaluate_downstream.smk"
 
 
 rule all:
@@ -62,5 +63,6 @@ rule all:
         rules.report_all.input,
         rules.behaviour_all.input,
         rules.brain_all.input,
+        rules.downstream_all.input,
         rules.downloads.input,
         expand(f"{R}/embeddings/{{dataset}}/{{backbone}}.h5", dataset=list(config["datasets"]), backbone=BACKBONES),

@@ -41,6 +41,14 @@ COMMANDS = {
     "brain-table": "metalign.brain.cli",
     "figure-brain-rois": "metalign.brain.cli",
     "figure-brain-volume": "metalign.brain.cli",
+    "downstream-fewshot": "metalign.downstream.cli",
+    "downstream-breeds-splits": "metalign.downstream.cli",
+    "downstream-breeds": "metalign.downstream.cli",
+    "downstream-imagenet-a": "metalign.downstream.cli",
+    "downstream-shape-bias": "metalign.downstream.cli",
+    "downstream-table": "metalign.downstream.cli",
+    "figure-downstream": "metalign.downstream.cli",
+    "demo-labelled": "metalign.demo.labelled",
 }
 
 

@@ -1,0 +1,66 @@
+"""Cross-reference checks of the `downstream:` config block that a JSON schema cannot express.
+
+Run by rules/evaluate_downstream.smk before any job: every split must name a defined dataset, few-shot shot counts
+must be positive and distinct, and the BREEDS/shape-bias settings must be usable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from metalign.config import ConfigError
+
+SECTIONS = {"fewshot": ("train", "test"), "breeds": ("train", "test"), "imagenet_a": ("train", "test", "shifted"),
+            "shape_bias": ("train", "stimuli")}
+
+
+def split_refs(config: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(key path, split entry) of every split the downstream block names."""
+    block = config.get("downstream", {})
+    refs = []
+    for name, task in block.get("fewshot", {}).get("tasks", {}).items():
+        refs += [(f"downstream.fewshot.tasks.{name}.{role}", task[role]) for role in SECTIONS["fewshot"]]
+    for section in ("breeds", "imagenet_a", "shape_bias"):
+        if section in block:
+            refs += [(f"downstream.{section}.{role}", block[section][role]) for role in SECTIONS[section]]
+    return refs
+
+
+def check_downstream(config: Mapping[str, Any]) -> None:
+    check_probe_and_demo(config)
+    block = config.get("downstream")
+    if not block:
+        return
+    for key, ref in split_refs(config):
+        if ref["dataset"] not in config["datasets"]:
+            raise ConfigError(f"{key}.dataset: unknown dataset {ref['dataset']!r}; "
+                              f"defined: {sorted(config['datasets'])}")
+    fewshot = block.get("fewshot")
+    if fewshot and len(set(fewshot["shots"])) != len(fewshot["shots"]):
+        raise ConfigError(f"downstream.fewshot.shots: repeated shot count in {fewshot['shots']}")
+    for name, spec in block.get("breeds", {}).get("tasks", {}).items():
+        if spec["n_subclasses"] % 2:
+            raise ConfigError(f"downstream.breeds.tasks.{name}.n_subclasses: must be even (source and target halves)")
+    categories = block.get("shape_bias", {}).get("categories", {})
+    seen: dict[str, str] = {}
+    for category, members in categories.items():
+        for member in members:
+            if member in seen:
+                raise ConfigError(f"downstream.shape_bias.categories.{category}: class {member!r} is already listed "
+                                  f"under {seen[member]!r}")
+            seen[member] = category
+
+
+def check_probe_and_demo(config: Mapping[str, Any]) -> None:
+    """Probe settings are needed by every full-data probe; the labelled demo spec is checked in full."""
+    block = config.get("downstream", {})
+    users = [s for s in ("breeds", "imagenet_a", "shape_bias") if s in block]
+    if users and "probe" not in block:
+        raise ConfigError(f"downstream.probe: required by downstream.{users[0]}")
+    if "labelled" in config.get("demo", {}):
+        from metalign.demo.labelled import validate_spec
+
+        try:
+            validate_spec(config["demo"]["labelled"])
+        except ValueError as err:
+            raise ConfigError(f"demo.labelled: {err}") from None
