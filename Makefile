@@ -21,7 +21,7 @@ venv: $(STAMP)
 # The embedded demo world end to end, then the HTML report (rebuilt only when an output is newer than it).
 demo: $(STAMP)
 	$(SNAKE) --cores $(CORES) --show-failed-logs all --configfile config/demo.yaml
-	@if [ ! -f $(DEMO_ROOT)/report.html ] || [ -n "$$(find $(DEMO_ROOT)/alignment $(DEMO_ROOT)/figures -newer $(DEMO_ROOT)/report.html -type f | head -n 1)" ]; then \
+	@if [ ! -f $(DEMO_ROOT)/report.html ] || [ -n "$$(find $(DEMO_ROOT) -newer $(DEMO_ROOT)/report.html -type f ! -name report.html | head -n 1)" ]; then \
 		$(SNAKE) --cores 1 --configfile config/demo.yaml --report $(DEMO_ROOT)/report.html; \
 	fi
 
