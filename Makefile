@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_ROOT := results/demo
 CORES ?= 2
 
-.PHONY: venv demo demo-dry test bench clean-demo
+.PHONY: venv demo demo-full demo-dry test bench clean-demo
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: $(STAMP)
 	@if [ ! -f $(DEMO_ROOT)/report.html ] || [ -n "$$(find $(DEMO_ROOT) -newer $(DEMO_ROOT)/report.html -type f ! -name report.html | head -n 1)" ]; then \
 		$(SNAKE) --cores 1 --configfile config/demo.yaml --report $(DEMO_ROOT)/report.html; \
 	fi
+
+# Every variant of the ablation grid on the demo world (longer: ~20 trainings).
+demo-full: $(STAMP)
+	$(SNAKE) --cores $(CORES) --show-failed-logs all --configfile config/demo.yaml config/demo-full.yaml
+	$(SNAKE) --cores 1 --configfile config/demo.yaml config/demo-full.yaml --report $(DEMO_ROOT)/report.html
 
 demo-dry: $(STAMP)
 	$(SNAKE) -n all --configfile config/demo.yaml

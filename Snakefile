@@ -5,6 +5,7 @@
 """
 
 import json
+import re
 import sys
 
 from snakemake.utils import min_version, validate
@@ -18,6 +19,7 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 sys.path.insert(0, workflow.basedir)
 from metalign.config import check_references, variant_params  # noqa: E402
+from metalign.train.config import has_representation  # noqa: E402
 
 check_references(config)
 
@@ -44,12 +46,13 @@ def as_json(value) -> str:
 
 BACKBONES = list(config["backbones"])
 VARIANTS = list(config["variants"])
+ENCODED = [v for v in VARIANTS if has_representation(variant_params(config, v))]  # noemb has no encode() (§8)
 
 if "demo" in config:
     include: "rules/demo.smk"
 include: "rules/download.smk"
 include: "rules/extract.smk"
-include: "rules/functions.smk"
+include: "rules/functions_sets.smk"
 include: "rules/train.smk"
 include: "rules/evaluate_things.smk"
 include: "rules/evaluate_behaviour.smk"
@@ -61,6 +64,8 @@ include: "rules/evaluate_downstream.smk"
 rule all:
     input:
         rules.report_all.input,
+        f"{R}/figures/icl.png",
+        f"{R}/functions/summary.csv",
         rules.behaviour_all.input,
         rules.brain_all.input,
         rules.downstream_all.input,

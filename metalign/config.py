@@ -8,6 +8,9 @@ from typing import Any, Mapping
 import jsonschema
 import yaml
 
+from metalign.functions.sets import resolve_function_sets
+from metalign.train.config import SEQUENCE_TYPES, TrainConfig
+
 SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
 
@@ -64,15 +67,28 @@ def check_references(config: Mapping[str, Any]) -> None:
     for name, entry in datasets.items():
         if entry["layout"] == "things" and "unique_ids" not in entry:
             raise ConfigError(f"datasets.{name}.unique_ids: required for layout 'things'")
-    for name, fset in config["function_sets"].items():
-        need(fset["source"]["backbone"], backbones, f"function_sets.{name}.source.backbone", "backbone")
-        need(fset["train_split"], datasets, f"function_sets.{name}.train_split", "dataset")
-        need(fset["eval_split"], datasets, f"function_sets.{name}.eval_split", "dataset")
+    try:
+        function_sets = resolve_function_sets(config["function_sets"])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for name, fset in function_sets.items():
+        if fset.method != "subset":
+            need(fset.source_backbone, backbones, f"function_sets.{name}.source.backbone", "backbone")
+            need(fset.train_split, datasets, f"function_sets.{name}.train_split", "dataset")
+            need(fset.eval_split, datasets, f"function_sets.{name}.eval_split", "dataset")
     for name, variant in config["variants"].items():
         need(variant["function_set"], config["function_sets"], f"variants.{name}.function_set", "function set")
         params = variant_params(config, name)
-        if params.get("hidden", 1) % params.get("n_heads", 1):
+        try:
+            TrainConfig.from_dict(params)
+        except ValueError as err:
+            raise ConfigError(f"variants.{name}: {err}") from None
+        if params.get("hidden") and params["hidden"] % params.get("n_heads", 1):
             raise ConfigError(f"variants.{name}: hidden ({params['hidden']}) must be divisible by n_heads ({params['n_heads']})")
+    for name in config.get("icl", {}).get("variants", []):
+        need(name, config["variants"], "icl.variants", "variant")
+        if variant_params(config, name).get("model_type", "transformer") not in SEQUENCE_TYPES:
+            raise ConfigError(f"icl.variants: {name!r} is not a sequence model, so it has no ICL curve")
     for name, bench in config["benchmarks"].items():
         need(bench["dataset"], datasets, f"benchmarks.{name}.dataset", "dataset")
     fmri = config["benchmarks"].get("things_fmri")

@@ -13,7 +13,7 @@ BEHAVIOUR = [b for b in ("things_ooo", "levels_ooo", "category_learning", "rewar
 N_CHOICES = {"things_ooo": 3, "levels_ooo": 3, "category_learning": 2, "reward_learning": 2}
 CEILINGS = {"things_ooo": "things_ooo", "levels_ooo": "levels_ooo"}
 TABLES = [b for b in ("levels_ooo", "category_learning", "reward_learning", "geometry") if b in BENCH]
-REPRESENTATIONS = ["base"] + VARIANTS
+REPRESENTATIONS = ["base"] + ENCODED
 
 
 def _features(dataset):
@@ -240,4 +240,4 @@ rule behaviour_all:
         expand(f"{R}/figures/{{bench}}_r2.png", bench=BEHAVIOUR),
         expand(f"{R}/alignment/{{table}}.csv", table=TABLES),
         [f"{R}/figures/geometry.png"] if GEOMETRY else [],
-        expand(f"{R}/figures/tsne/{{backbone}}.png", backbone=BACKBONES) if GEOMETRY and REFERENCE in VARIANTS else [],
+        expand(f"{R}/figures/tsne/{{backbone}}.png", backbone=BACKBONES) if GEOMETRY and REFERENCE in ENCODED else [],

@@ -16,7 +16,7 @@ def _brain_encodings(bench: str, schemes=None, backbones=None, variants=None) ->
     cfg = BRAIN[bench]
     return expand(f"{R}/brain/{bench}/{{scheme}}/{{backbone}}/{{variant}}/{{subject}}.h5",
                   scheme=schemes or cfg["schemes"], backbone=backbones or BACKBONES,
-                  variant=variants or ["base"] + VARIANTS, subject=_brain_subjects(bench))
+                  variant=variants or ["base"] + ENCODED, subject=_brain_subjects(bench))
 
 
 def _brain_targets() -> list[str]:

@@ -7,7 +7,7 @@ from metalign.downstream.config import check_downstream  # noqa: E402
 check_downstream(config)
 DS = config.get("downstream", {})
 DS_NORM = "--l2-normalise" if DS.get("l2_normalise", True) else "--no-l2-normalise"
-DS_REPRESENTATIONS = ["base"] + VARIANTS
+DS_REPRESENTATIONS = ["base"] + ENCODED
 
 
 def _ds_features(dataset, backbone, variant):

@@ -32,7 +32,7 @@ rule things_ooo:
 
 rule things_ooo_table:
     input:
-        expand(f"{R}/alignment/things_ooo/{{backbone}}/{{variant}}.json", backbone=BACKBONES, variant=["base"] + VARIANTS),
+        expand(f"{R}/alignment/things_ooo/{{backbone}}/{{variant}}.json", backbone=BACKBONES, variant=["base"] + ENCODED),
     output:
         f"{R}/alignment/things_ooo.csv",
     log:

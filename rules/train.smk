@@ -1,15 +1,30 @@
-# The meta-learner: one checkpoint per backbone × variant, and its representation of every evaluated image set.
+# The meta-learner: one checkpoint per backbone × variant (DDP under torchrun when the variant asks for gpus > 1),
+# its representation of every evaluated image set (variants with an embed layer only), and in-context-learning
+# curves on the held-out functions of the evaluation split.
+
+
+def _variant_set(wc):
+    return FSETS[config["variants"][wc.variant]["function_set"]]
 
 
 def _split_paths(wc):
-    fset = config["variants"][wc.variant]["function_set"]
-    entry = config["function_sets"][fset]
+    fset = _variant_set(wc)
     return {
-        "train_features": f"{R}/embeddings/{entry['train_split']}/{wc.backbone}.h5",
-        "train_codes": f"{R}/functions/{fset}/{entry['train_split']}.h5",
-        "val_features": f"{R}/embeddings/{entry['eval_split']}/{wc.backbone}.h5",
-        "val_codes": f"{R}/functions/{fset}/{entry['eval_split']}.h5",
+        "train_features": f"{R}/embeddings/{fset.train_split}/{wc.backbone}.h5",
+        "train_codes": f"{R}/functions/{fset.name}/{fset.train_split}.h5",
+        "val_features": f"{R}/embeddings/{fset.eval_split}/{wc.backbone}.h5",
+        "val_codes": f"{R}/functions/{fset.name}/{fset.eval_split}.h5",
     }
+
+
+def _gpus(wc) -> int:
+    return int(variant_params(config, wc.variant).get("gpus", 1))
+
+
+def _launcher(wc) -> str:
+    """One process, or one per GPU through torchrun (ranks draw different episodes; P-15)."""
+    n = _gpus(wc)
+    return f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node {n} -m metalign" if n > 1 else PY
 
 
 rule train:
@@ -20,13 +35,14 @@ rule train:
         metrics=f"{R}/checkpoints/{{backbone}}/{{variant}}.metrics.csv",
     params:
         cfg=lambda wc: as_json(variant_params(config, wc.variant)),
+        launcher=_launcher,
     threads: 2
     resources:
-        gpu=1,
+        gpu=_gpus,
     log:
         f"{R}/logs/train/{{backbone}}/{{variant}}.log",
     shell:
-        "{PY} train --train-features {input.train_features} --train-codes {input.train_codes}"
+        "{params.launcher} train --train-features {input.train_features} --train-codes {input.train_codes}"
         " --val-features {input.val_features} --val-codes {input.val_codes} --params {params.cfg}"
         " --out-ckpt {output.ckpt} --out-metrics {output.metrics} 2> {log}"
 
@@ -37,7 +53,42 @@ rule encode:
         features=f"{R}/embeddings/{{dataset}}/{{backbone}}.h5",
     output:
         f"{R}/representations/{{dataset}}/{{backbone}}/{{variant}}.h5",
+    wildcard_constraints:
+        variant="|".join(map(re.escape, ENCODED)) or "(?!)",  # no_embed variants have no representation (§8)
     log:
         f"{R}/logs/encode/{{dataset}}/{{backbone}}/{{variant}}.log",
     shell:
         "{PY} encode --ckpt {input.ckpt} --features {input.features} --out {output} 2> {log}"
+
+
+ICL = config.get("icl", {"variants": [], "n_per_function": 20, "seed": config["seed"]})
+
+
+rule icl_eval:
+    input:
+        ckpt=f"{R}/checkpoints/{{backbone}}/{{variant}}.pt",
+        features=lambda wc: f"{R}/embeddings/{_variant_set(wc).eval_split}/{wc.backbone}.h5",
+        codes=lambda wc: f"{R}/functions/{_variant_set(wc).name}/{_variant_set(wc).eval_split}.h5",
+    output:
+        f"{R}/icl/{{backbone}}/{{variant}}.h5",
+    params:
+        n=ICL["n_per_function"],
+        seed=ICL["seed"],
+    resources:
+        gpu=1,
+    log:
+        f"{R}/logs/icl/{{backbone}}/{{variant}}.log",
+    shell:
+        "{PY} icl-eval --ckpt {input.ckpt} --features {input.features} --codes {input.codes} --out {output}"
+        " --n-per-function {params.n} --seed {params.seed} 2> {log}"
+
+
+rule figure_icl:
+    input:
+        expand(f"{R}/icl/{{backbone}}/{{variant}}.h5", backbone=BACKBONES, variant=ICL["variants"]),
+    output:
+        report(f"{R}/figures/icl.png", caption="../workflow/report/icl.rst", category="Training"),
+    log:
+        f"{R}/logs/figures/icl.log",
+    shell:
+        "{PY} figure-icl --inputs {input} --out {output} 2> {log}"

@@ -47,6 +47,15 @@ def planted(n: int, n_functions: int, seed: int, prefix: str) -> tuple[Features,
     return Features(ids, x), codes, truth
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """The models here are tiny: intra-op threads only add contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data():
     return planted(400, 8, seed=1, prefix="tr"), planted(200, 6, seed=2, prefix="va")
@@ -60,8 +69,9 @@ def test_sampler_statistics_labels_and_uniqueness(data):
     assert list(truth["kept"]) == [3 * j + 1 for j in range(8)]  # latent 0 (5 images) was dropped
     sl = 40
     sampler = EpisodeSampler.from_codes(codes, sl=sl, seed=3)
-    rows, labels, mags = sampler.sample(4000, step=0)
+    rows, labels, mags, mse_mask = sampler.sample(4000, step=0)
     assert rows.shape == labels.shape == mags.shape == (4000, sl) and rows.dtype == np.int64
+    np.testing.assert_array_equal(mse_mask, labels)  # sparse targets: magnitudes are fitted on positives only
     n_pos = labels.sum(axis=1)
     # round(N(20, 2)): mean 20, sd sqrt(4 + 1/12)
     assert abs(n_pos.mean() - sl / 2) < 0.1 and abs(n_pos.std() - np.sqrt(4 + 1 / 12)) < 0.1
@@ -95,6 +105,8 @@ def test_sampler_determinism_and_ranks(data):
     (_, codes, _), _ = data
     a, b = (EpisodeSampler.from_codes(codes, sl=20, seed=3) for _ in range(2))
     for x, y in zip(a.sample(16, step=5), b.sample(16, step=5)):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(a.sample(1100, step=2, threads=1), b.sample(1100, step=2, threads=3)):  # 3 blocks of episodes
         np.testing.assert_array_equal(x, y)
     other_rank = EpisodeSampler.from_codes(codes, sl=20, seed=3, rank=1).sample(16, step=5)
     assert not np.array_equal(a.sample(16, step=5).rows, other_rank.rows)
@@ -147,7 +159,7 @@ def test_hurdle_loss_matches_formula():
     logits, pred = torch.randn(3, 5), torch.rand(3, 5)
     labels = (torch.rand(3, 5) > 0.5).float()
     mags = labels * torch.rand(3, 5)
-    loss, bce, mse = model.loss(logits, pred, labels, mags)
+    loss, bce, mse = model.loss(logits, pred, labels, mags, labels)
     ref_bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
     ref_mse = (((pred - mags) / 1.7)[labels == 1] ** 2).mean()
     torch.testing.assert_close(loss, np.exp(-0.3) * ref_bce + 0.5 * np.exp(0.2) * ref_mse + 0.5 * 0.1)
@@ -189,10 +201,10 @@ def test_resume_gives_identical_weights(data, tmp_path, monkeypatch):
 
     original = EpisodeSampler.sample
 
-    def crash(self, batch_size, step):
+    def crash(self, batch_size, step, **kwargs):
         if step == 31:
             raise RuntimeError("killed")
-        return original(self, batch_size, step)
+        return original(self, batch_size, step, **kwargs)
 
     monkeypatch.setattr(EpisodeSampler, "sample", crash)
     with pytest.raises(RuntimeError, match="killed"):

@@ -9,17 +9,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from metalign.functions.codes import read_codes, write_codes, write_neurons
 from metalign.functions.prisma import load_pretrained_sae
 from metalign.functions.sae import encode_topk, load_sae, save_sae, train_sae
 from metalign.functions.subsets import LEVELS, choose, write_subset
-from metalign.io import DataContractError, read_h5, write_json
+from metalign.io import DataContractError, read_h5, write_csv, write_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("sae-train", help="train a top-k SAE on backbone features")
     train.add_argument("--features", type=Path, required=True, help="HDF5 with datasets `features` (N, D) and `ids`")
+    _add_output_arg(train)
     train.add_argument("--out", type=Path, required=True, help="SAE checkpoint (.pt, weights-only loadable)")
     train.add_argument("--expansion", type=float, default=16, help="d_sae = round(expansion * D)")
     train.add_argument("--k", type=int, default=32)
@@ -42,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     encode = subparsers.add_parser("sae-encode", help="encode features with an SAE and select functions")
     encode.add_argument("--sae", type=Path, required=True)
     encode.add_argument("--features", type=Path, required=True)
+    _add_output_arg(encode)
     encode.add_argument("--out", type=Path, required=True, help="code file (HDF5)")
     _add_selection_args(encode)
     encode.add_argument("--batch-size", type=int, default=1024)
@@ -58,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     neurons = subparsers.add_parser("functions-neurons",
                                     help="the dimensions of a representation as functions (median split, protocols §3)")
     neurons.add_argument("--features", type=Path, required=True)
+    _add_output_arg(neurons)
     neurons.add_argument("--out", type=Path, required=True)
     _add_selection_args(neurons)
     neurons.set_defaults(func=run_neurons)
@@ -71,18 +75,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     how.add_argument("--similarity", choices=LEVELS, help="subset with a low, medium or high mean pairwise similarity")
     subset.set_defaults(func=run_subset)
 
+    summary = subparsers.add_parser("functions-summary", help="one CSV row per function file (size, achieved similarity)")
+    summary.add_argument("--inputs", type=Path, nargs="+", required=True, help="files functions/<set>/<split>.h5")
+    summary.add_argument("--out", type=Path, required=True)
+    summary.set_defaults(func=run_summary)
+
+
+def _add_output_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default="features",
+                        help="dataset of the feature file to read: `features` or an extra block output `layer_<k>`")
+
 
 def _add_selection_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-nonzero", type=int, default=120, help="keep latents active on at least this many images")
     parser.add_argument("--sl", type=int, default=120, help="episode length the kept functions must support")
 
 
-def read_features(path: Path) -> tuple[np.ndarray, list[str], dict[str, Any]]:
-    arrays, ids, attrs = read_h5(path, ["features"])
-    features = arrays["features"]
+def read_features(path: Path, output: str = "features") -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    arrays, ids, attrs = read_h5(path, [output])
+    features = arrays[output]
     if features.ndim != 2 or len(features) != len(ids):
-        raise DataContractError(f"{path}: `features` has shape {features.shape} but there are {len(ids)} ids")
-    return features.astype(np.float32, copy=False), ids, attrs
+        raise DataContractError(f"{path}: `{output}` has shape {features.shape} but there are {len(ids)} ids")
+    return features.astype(np.float32, copy=False), ids, {**attrs, "output": output}
 
 
 def _source(path: Path, ids: list[str], attrs: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +106,7 @@ def _source(path: Path, ids: list[str], attrs: dict[str, Any]) -> dict[str, Any]
 
 
 def run_train(args: argparse.Namespace) -> None:
-    features, ids, attrs = read_features(args.features)
+    features, ids, attrs = read_features(args.features, args.output)
     sae, metrics = train_sae(features, args.expansion, args.k, args.steps, args.batch_size, args.lr, args.seed,
                              device=args.device)
     save_sae(args.out, sae, {"features": _source(args.features, ids, attrs), "metrics": metrics})
@@ -108,7 +122,7 @@ def run_import(args: argparse.Namespace) -> None:
 
 def run_encode(args: argparse.Namespace) -> None:
     sae, meta = load_sae(args.sae)
-    features, ids, attrs = read_features(args.features)
+    features, ids, attrs = read_features(args.features, args.output)
     if features.shape[1] != sae.d_in:
         raise DataContractError(f"{args.features} has {features.shape[1]}-d features but SAE {args.sae} expects {sae.d_in}")
     indices, values = encode_topk(features, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, args.batch_size, args.device)
@@ -116,7 +130,7 @@ def run_encode(args: argparse.Namespace) -> None:
     provenance = {"source": _source(args.features, ids, attrs),
                   "sae": {"path": str(args.sae), "config": sae.config, "trained_on": meta.get("features", {}),
                           "pretrained": origin},
-                  "layer": origin.get("layer", attrs.get("layer")), "hook": origin.get("hook"),
+                  "layer": origin.get("layer", _layer(attrs)), "hook": origin.get("hook"),
                   "sae_repo": origin.get("repo"), "sae_revision": origin.get("revision")}
     write_codes(args.out, ids, indices, values, sae.d_sae, args.min_nonzero, args.sl, provenance)
 
@@ -132,8 +146,15 @@ def run_select(args: argparse.Namespace) -> None:
 
 
 def run_neurons(args: argparse.Namespace) -> None:
-    features, ids, attrs = read_features(args.features)
-    write_neurons(args.out, ids, features, args.min_nonzero, args.sl, {"source": _source(args.features, ids, attrs)})
+    features, ids, attrs = read_features(args.features, args.output)
+    write_neurons(args.out, ids, features, args.min_nonzero, args.sl,
+                  {"source": _source(args.features, ids, attrs), "layer": _layer(attrs)})
+
+
+def _layer(attrs: dict[str, Any]) -> Any:
+    """The block a feature output comes from: `layer_<k>` names it, `features` is the backbone's own `layer`."""
+    output = attrs["output"]
+    return int(output.removeprefix("layer_")) if output.startswith("layer_") else attrs.get("layer")
 
 
 def run_subset(args: argparse.Namespace) -> None:
@@ -142,3 +163,16 @@ def run_subset(args: argparse.Namespace) -> None:
         return
     positions, record = choose(read_codes(args.parent), args.fraction, args.seed, args.similarity)
     write_subset(args.parent, args.out, positions, record)
+
+
+def run_summary(args: argparse.Namespace) -> None:
+    rows = []
+    for path in args.inputs:
+        codes = read_codes(path)
+        record = codes.attrs.get("subset", {})
+        rows.append({"function_set": path.parent.name, "split": path.stem, "kind": codes.kind,
+                     "n_functions": codes.n_functions, "n_columns": codes.attrs.get("n_columns"),
+                     "n_rows": codes.n_rows, "mean_nnz": float(codes.nnz.mean()),
+                     **{key: record.get(key) for key in ("method", "fraction", "seed", "level", "mean_similarity",
+                                                         "parent_mean_similarity")}})
+    write_csv(args.out, pd.DataFrame(rows))

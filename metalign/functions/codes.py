@@ -1,6 +1,7 @@
 """Function files: the targets of one image set plus the functions selected on that set.
 
-Two kinds share one layout for the kept functions (group `functions/`: `latent_id` (F) int64 ascending column ids,
+Every file has `ids` (N), fixed-length UTF-8 bytes (one copy to read at COCO scale). Two kinds share one layout for
+the kept functions (group `functions/`: `latent_id` (F) int64 ascending column ids,
 `nnz` (F) int64 positives, `mean`/`std` (F) float64 of the fitted magnitudes, ddof 0):
 
 * `sparse` (SAE codes): `indices` (N, k) int32 ascending per row, `values` (N, k) float32. Label 1[a ≠ 0], magnitude a;
@@ -85,10 +86,10 @@ def _write(path: str | os.PathLike, ids: list[str], arrays: Mapping[str, np.ndar
     kept = selection.latent_id
     with atomic_path(path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as handle:
-            handle.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
-            for name, array in arrays.items():
-                chunks = (max(1, min(len(array), 1 << 14)), *array.shape[1:]) if array.ndim == 2 else None
-                handle.create_dataset(name, data=array, chunks=chunks)
+            # fixed-length UTF-8: read back with one copy, ~10x faster than variable-length strings at COCO scale
+            handle.create_dataset("ids", data=np.array([i.encode() for i in ids], dtype=bytes))
+            for name, array in arrays.items():  # contiguous layout: one read per array
+                handle.create_dataset(name, data=array)
             write_functions(handle, kept, nnz[kept], mean[kept], std[kept])
             set_attrs(handle, {
                 **attrs, "min_nonzero": int(min_nonzero), "sl": int(sl), "max_draw": selection.max_draw,
@@ -212,8 +213,32 @@ class Codes:
         return offsets, rows.astype(np.int64), mags.astype(np.float32)
 
 
+def read_array(dataset: h5py.Dataset) -> np.ndarray:
+    """All of a dataset. Contiguous, unfiltered data is read from its byte offset in the (possibly linked) file with
+    one call, at memory-copy speed; anything else goes through HDF5."""
+    offset = dataset.id.get_offset()
+    if offset is None or dataset.chunks is not None or dataset.dtype.hasobject:
+        return dataset[()]
+    out = np.empty(dataset.shape, dtype=dataset.dtype)
+    with open(dataset.file.filename, "rb", buffering=0) as stream:
+        stream.seek(offset)
+        if stream.readinto(out) != out.nbytes:
+            raise DataContractError(f"{dataset.file.filename}: dataset {dataset.name} is truncated")
+    return out
+
+
+def read_code_arrays(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Only the (N, k) indices and values of a sparse code file."""
+    with h5py.File(path, "r") as handle:
+        return read_array(handle["indices"]), read_array(handle["values"])
+
+
 def _ids(handle: h5py.File) -> list[str]:
-    return [i.decode() if isinstance(i, bytes) else str(i) for i in handle["ids"][:]]
+    ids = handle["ids"][:]
+    if ids.dtype.kind == "S":
+        ascii_only = not (np.ascontiguousarray(ids).view(np.uint8) >= 0x80).any()
+        return ids.astype(str).tolist() if ascii_only else np.char.decode(ids, "utf-8").tolist()
+    return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
 
 def read_codes(path: str | os.PathLike) -> Codes:
@@ -227,11 +252,11 @@ def read_codes(path: str | os.PathLike) -> Codes:
         if kind not in KINDS:
             raise DataContractError(f"{path}: unknown kind {kind!r}; known: {list(KINDS)}")
         required = ["ids", *ARRAYS[kind], *(f"functions/{name}" for name in FUNCTION_FIELDS)]
-        missing = [name for name in required if _missing(handle, name)]
-        if missing:
-            raise DataContractError(f"{path} lacks dataset(s) {missing}")
+        missing = [_missing(handle, name) for name in required]
+        if any(missing):
+            raise DataContractError(f"{path} lacks dataset(s) {[m for m in missing if m]}")
         functions = {name: handle[f"functions/{name}"][:] for name in FUNCTION_FIELDS}
-        arrays = {name.split("/")[-1]: handle[name][:] for name in ARRAYS[kind]}
+        arrays = {name.split("/")[-1]: read_array(handle[name]) for name in ARRAYS[kind]}
         ids = _ids(handle)
     if kind == "sparse":
         if "d_sae" not in attrs:
@@ -252,9 +277,13 @@ def read_codes(path: str | os.PathLike) -> Codes:
     return codes
 
 
-def _missing(handle: h5py.File, name: str) -> bool:
-    """A dataset is missing if absent or if it is an external link whose target cannot be opened."""
+def _missing(handle: h5py.File, name: str) -> str:
+    """'' if `name` opens; else its name, with the target of a broken external link (a subset whose parent is gone)."""
     try:
-        return name not in handle
+        handle[name]
+        return ""
     except (KeyError, OSError):
-        return True
+        link = handle.get(name, getlink=True) if name.split("/")[0] in handle else None
+        if isinstance(link, h5py.ExternalLink):
+            return f"{name} (external link to {link.filename} is broken)"
+        return name

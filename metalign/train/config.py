@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+MODEL_TYPES = ("transformer", "lstm", "static_linear")
+SEQUENCE_TYPES = ("transformer", "lstm")  # episodic models; static_linear sees all functions of an image at once
 MODEL_KEYS = ("hidden", "n_layers", "n_heads", "use_mlp", "mlp_size", "dropout", "rope_base", "model_type", "no_embed")
 
 
@@ -18,7 +20,8 @@ class TrainConfig:
 
     seed: int = 1234
     sl: int = 120                          # episode length (tokens per episode)
-    batch_size: int = 1024                 # episodes per optimiser step (1024 = upstream's effective batch, P-15)
+    batch_size: int = 1024                 # global episodes (static_linear: images) per optimiser step;
+                                           # 1024 = upstream's effective batch (P-15)
     steps: int = 10_000                    # maximum optimiser steps
     lr: float = 2.5e-4
     weight_decay: float = 0.0              # applied to every parameter except the loss weights and, unless
@@ -55,6 +58,13 @@ class TrainConfig:
                 raise ValueError(f"train config: {name} must be >= 1, got {getattr(self, name)}")
         if self.sl < 2:
             raise ValueError(f"train config: sl must be >= 2, got {self.sl}")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"train config: model_type {self.model_type!r} is not one of {list(MODEL_TYPES)}")
+        if self.no_embed and self.model_type not in SEQUENCE_TYPES:
+            raise ValueError(f"train config: no_embed applies to sequence models {list(SEQUENCE_TYPES)} only")
+        if self.model_type == "transformer" and self.hidden is not None and (
+                self.hidden % self.n_heads or (self.hidden // self.n_heads) % 2):
+            raise ValueError(f"train config: hidden ({self.hidden}) / n_heads ({self.n_heads}) must be an even integer")
         if self.gpus < 0:
             raise ValueError(f"train config: gpus must be >= 0, got {self.gpus}")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
@@ -79,3 +89,9 @@ class TrainConfig:
     @property
     def eval_batch(self) -> int:
         return self.eval_batch_size or self.batch_size
+
+
+def has_representation(params: Mapping[str, Any]) -> bool:
+    """Whether a variant's checkpoint defines encode() (protocols §8): every variant except those without an embed
+    layer, which the workflow must never ask to encode."""
+    return not params.get("no_embed", False)

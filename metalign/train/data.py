@@ -37,4 +37,6 @@ def aligned_features(features: Features, codes: Codes, source: str) -> np.ndarra
     if extra is not None:
         raise DataContractError(f"{source}: image id {extra!r} has features but no SAE codes")
     rows = align_rows(features.ids, codes.ids, source)
+    if np.array_equal(rows, np.arange(len(rows))):  # same order (the usual case): no copy of a large matrix
+        return np.ascontiguousarray(features.values, dtype=np.float32)
     return np.ascontiguousarray(features.values[rows], dtype=np.float32)

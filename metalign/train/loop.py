@@ -1,9 +1,12 @@
 """Training loop (protocols §7): schedule-free AdamW, fixed validation episodes, selection score, early stopping.
 
 Resumable: every `checkpoint_every` steps the full training state (weights, optimiser, best model so far, early-stop
-counter, metric rows) goes to `<out_ckpt stem>.last.pt`. Episodes and dropout masks are seeded per step, so a rerun
-that resumes from it ends with the same weights as an uninterrupted run. The outputs (`out_ckpt`, `out_metrics`) are
-written only when training ends, so their existence means a finished run.
+counter, metric rows) goes to `<out_ckpt stem>.last.pt`. Episodes and dropout masks are seeded per (rank, step), so a
+rerun that resumes from it ends with the same weights as an uninterrupted run. The outputs (`out_ckpt`,
+`out_metrics`) are written only when training ends, so their existence means a finished run.
+
+Data-parallel (torchrun, `metalign.train.distributed`): `batch_size` is the global batch, split evenly over ranks;
+rank 0 writes every file. The checkpoint records a hash of each rank's first batch (distinct episodes, P-15).
 
 Saved weights are the schedule-free *x* sequence (the averaged weights that `optimizer.eval()` swaps in), i.e. the
 weights that were evaluated (P-18).
@@ -27,6 +30,7 @@ import torch
 from schedulefree import AdamWScheduleFree
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from metalign.functions.codes import Codes
@@ -34,8 +38,9 @@ from metalign.io import DataContractError, library_versions, write_csv
 from metalign.train.checkpoint import MODEL_FORMAT, STATE_FORMAT, load_checkpoint, plain_state_dict, save_checkpoint
 from metalign.train.config import TrainConfig
 from metalign.train.data import Features, aligned_features
+from metalign.train.distributed import Context, all_sum, barrier, gather, setup, teardown
 from metalign.train.model import ModelConfig, build_model, hurdle_objective, parameter_groups
-from metalign.train.sampler import EpisodeSampler
+from metalign.train.tasks import Step, make_task
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +51,24 @@ _DROPOUT_STREAM = 2  # seed streams 0 and 1 are the sampler's training and evalu
 
 
 class MetricSums:
-    """Token-level sums kept on the device and read back only when a metrics row is written (no per-step sync).
+    """Output-level sums kept on the device and read back only when a metrics row is written (no per-step sync).
 
-    Magnitudes are in sigma_m units; R2 is over positive tokens: 1 - SSE / sum (m - mean m)^2.
+    Magnitudes are in sigma_m units; MSE and R2 are over the fitted outputs (positives of sparse functions, all
+    outputs of dense ones): R2 = 1 - SSE / sum (m - mean m)^2. Accuracy is over all outputs.
     """
 
     def __init__(self, device: torch.device):
         self.total = torch.zeros(7, dtype=torch.float64, device=device)
 
     @torch.no_grad()
-    def add(self, logits: torch.Tensor, mag_pred: torch.Tensor, labels: torch.Tensor, mags: torch.Tensor,
-            sigma_m: torch.Tensor) -> None:
-        logits, positive = logits.float(), labels > 0
-        target = mags / sigma_m
+    def add(self, logits: torch.Tensor, mag_pred: torch.Tensor, step: Step, sigma_m: torch.Tensor) -> None:
+        logits, labels, fitted = logits.float(), step.labels, step.mse_mask
+        target = step.mags / sigma_m
         residual = mag_pred.float() / sigma_m - target
         parts = (labels.new_tensor(labels.numel()),
                  F.binary_cross_entropy_with_logits(logits, labels, reduction="sum"),
-                 ((logits > 0) == positive).sum(), positive.sum(), (residual.square() * positive).sum(),
-                 (target * positive).sum(), (target.square() * positive).sum())
+                 ((logits > 0) == (labels > 0)).sum(), fitted.sum(), (residual.square() * fitted).sum(),
+                 (target * fitted).sum(), (target.square() * fitted).sum())
         self.total += torch.stack([p.double() for p in parts])
 
     def reset(self) -> None:
@@ -101,35 +106,51 @@ class TrainResult:
 
 def train(cfg: dict[str, Any], X_train: Features, codes_train: Codes, X_val: Features, codes_val: Codes,
           out_ckpt: Path, out_metrics: Path, device: str | torch.device = "cpu") -> TrainResult:
-    """Train a meta-learner on episodes of the training functions; select on fixed validation episodes."""
+    """Train a meta-learner on the training functions; select on fixed validation episodes (or images)."""
     config = TrainConfig.from_dict(cfg)
-    device = torch.device(device)
-    out_ckpt, out_metrics = Path(out_ckpt), Path(out_metrics)
+    context = setup(torch.device(device))
+    try:
+        return _train(config, X_train, codes_train, X_val, codes_val, Path(out_ckpt), Path(out_metrics), context)
+    finally:
+        teardown(context)
+
+
+def _train(config: TrainConfig, X_train: Features, codes_train: Codes, X_val: Features, codes_val: Codes,
+           out_ckpt: Path, out_metrics: Path, context: Context) -> TrainResult:
+    device, rank, world = context.device, context.rank, context.world
+    if config.batch_size % world:
+        raise ValueError(f"train config: batch_size {config.batch_size} is not divisible by the {world} ranks")
+    local_batch = config.batch_size // world
+    if config.gpus > 1 and not context.distributed:
+        log.warning("gpus=%d requested but this is a single process: launch with torchrun --nproc_per_node %d",
+                    config.gpus, config.gpus)
     x_train = aligned_features(X_train, codes_train, "training features vs codes")
     x_val = aligned_features(X_val, codes_val, "validation features vs codes")
     if x_train.shape[1] != x_val.shape[1]:
         raise DataContractError(f"training features have D={x_train.shape[1]}, validation features D={x_val.shape[1]}")
-    sampler = EpisodeSampler.from_codes(codes_train, config.sl, config.seed, source="training codes")
-    val_set = EpisodeSampler.from_codes(codes_val, config.sl, config.seed, source="validation codes") \
-        .evaluation_set(config.n_eval_episodes_per_function, config.eval_seed)
+    task = make_task(config, x_train, codes_train, x_val, codes_val, rank, world, device)
     fingerprint = _fingerprint(x_train, x_val, codes_train, codes_val)
 
     torch.manual_seed(config.seed)
-    model = build_model(ModelConfig.from_dict(config.model_dict(x_train.shape[1])), sampler.magnitude_std()).to(device)
-    optimizer = AdamWScheduleFree(parameter_groups(model, config.weight_decay), lr=config.lr, warmup_steps=0)
+    model_config = ModelConfig.from_dict(config.model_dict(x_train.shape[1], task.n_functions))
+    model = build_model(model_config, task.sigma_m).to(device)
+    optimizer = AdamWScheduleFree(parameter_groups(model, config.weight_decay, config.decay_embed), lr=config.lr,
+                                  warmup_steps=0)
     train_sums = MetricSums(device)
     last_path = out_ckpt.with_suffix(".last.pt")
     state = _resume(last_path, config, fingerprint, model, optimizer, train_sums)
 
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
-    forward = torch.compile(model) if config.compile else model
+    wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if context.distributed else model
+    forward = torch.compile(wrapped) if config.compile else wrapped
+    # Evaluation shards differ in size across ranks, so it runs on the bare model (no DDP collectives).
+    forward_eval = (torch.compile(model) if config.compile else model) if context.distributed else forward
     amp: Callable[[], ContextManager] = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
         if device.type == "cuda" else contextlib.nullcontext
-    features_train = torch.from_numpy(x_train).to(device)
-    features_val = torch.from_numpy(x_val).to(device)
-    val_tensors = [torch.from_numpy(a).to(device) for a in (val_set.rows, val_set.labels, val_set.mags)]
     clock_start = time.perf_counter() - state.elapsed_s
+    first_batch_hashes: list[object] = []
 
     def row(step: int, split: str, scores: dict[str, float]) -> dict[str, Any]:
         return {"step": step, "split": split, **scores, "lr": optimizer.param_groups[0]["lr"],
@@ -139,33 +160,36 @@ def train(cfg: dict[str, Any], X_train: Features, codes_train: Codes, X_val: Fea
     optimizer.train()
     stopped = False
     progress = tqdm(range(state.step + 1, config.steps + 1), initial=state.step, total=config.steps, desc="train",
-                    disable=None)
-    # The next step's episodes are drawn on a CPU thread while the device works on this step.
+                    disable=None if context.is_main else True)
+    # The next step's rows are drawn on a CPU thread while the device works on this step.
     with ThreadPoolExecutor(max_workers=1) as prefetch:
-        upcoming = prefetch.submit(sampler.sample, config.batch_size, state.step + 1)
+        upcoming = prefetch.submit(task.sample, local_batch, state.step + 1)
         for step in progress:
             batch = upcoming.result()
             if step < config.steps:
-                upcoming = prefetch.submit(sampler.sample, config.batch_size, step + 1)
-            torch.manual_seed(int(np.random.SeedSequence(config.seed, spawn_key=(_DROPOUT_STREAM, 0, step))
+                upcoming = prefetch.submit(task.sample, local_batch, step + 1)
+            if not first_batch_hashes:
+                first_batch_hashes = gather(_batch_hash(batch), context)
+            torch.manual_seed(int(np.random.SeedSequence(config.seed, spawn_key=(_DROPOUT_STREAM, rank, step))
                                   .generate_state(1)[0]))
-            rows, labels, mags = (torch.from_numpy(a).to(device) for a in batch)
+            current = task.to_device(batch)
             with amp():
-                logits, mag_pred = forward(features_train[rows], mags)
-            loss, _, _ = model.loss(logits, mag_pred, labels, mags)
+                logits, mag_pred = task.predict(forward, current)
+            loss, _, _ = model.loss(logits, mag_pred, current.labels, current.mags, current.mse_mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             optimizer.step()
-            train_sums.add(logits, mag_pred, labels, mags, model.sigma_m)
+            train_sums.add(logits, mag_pred, current, model.sigma_m)
             state.step = step
             if step % config.log_every == 0:
+                all_sum(train_sums.total, context)
                 state.rows.append(row(step, "train", train_sums.summary(model.loss_log_var)))
                 train_sums.reset()
             if step % config.eval_every == 0 or step == config.steps:
                 model.eval()
                 optimizer.eval()
-                scores = _evaluate(model, forward, features_val, val_tensors, config.eval_batch, amp)
+                scores = _evaluate(model, forward_eval, task, config.eval_batch, amp, context)
                 state.rows.append(row(step, "val", scores))
                 improved, stopped = _select(state, step, scores, config)
                 if improved:
@@ -178,32 +202,44 @@ def train(cfg: dict[str, Any], X_train: Features, codes_train: Codes, X_val: Fea
                 break
             if step % config.checkpoint_every == 0 and step < config.steps:
                 state.elapsed_s = time.perf_counter() - clock_start
-                _save_state(last_path, state, config, fingerprint, model, optimizer, train_sums)
+                if context.is_main:
+                    _save_state(last_path, state, config, fingerprint, model, optimizer, train_sums)
 
     optimizer.eval()
     model.eval()
-    write_csv(out_metrics, pd.DataFrame(state.rows, columns=list(METRIC_COLUMNS)))
-    save_checkpoint(out_ckpt, {
-        "format": MODEL_FORMAT, "state_dict": state.best["state_dict"], "model_config": model.config.to_dict(),
-        "train_config": config.to_dict(), "sigma_m": float(model.sigma_m),
-        "kept_latent_ids": torch.from_numpy(sampler.latent_id.copy()), "step": state.best["step"],
-        "scores": state.best["scores"], "params": SAVED_PARAMS, "last_step": state.step, "stopped_early": stopped,
-        "inputs_fingerprint": fingerprint, "library_versions": library_versions(),
-    })
-    last_path.unlink(missing_ok=True)
+    if context.is_main:
+        write_csv(out_metrics, pd.DataFrame(state.rows, columns=list(METRIC_COLUMNS)))
+        save_checkpoint(out_ckpt, {
+            "format": MODEL_FORMAT, "state_dict": state.best["state_dict"], "model_config": model.config.to_dict(),
+            "train_config": config.to_dict(), "sigma_m": model.sigma_m.tolist(),
+            "kept_latent_ids": torch.from_numpy(task.latent_id.copy()), "step": state.best["step"],
+            "scores": state.best["scores"], "params": SAVED_PARAMS, "last_step": state.step, "stopped_early": stopped,
+            "world_size": world, "batch_per_rank": local_batch, "first_batch_sha256": first_batch_hashes,
+            "inputs_fingerprint": fingerprint, "library_versions": library_versions(),
+        })
+        last_path.unlink(missing_ok=True)
+    barrier(context)
     return TrainResult(model, state.best["step"], state.best["scores"], state.step, stopped)
 
 
+def _batch_hash(batch: Any) -> str:
+    """Hash of one rank's first training batch: equal hashes across ranks would mean duplicated episodes (P-15)."""
+    digest = hashlib.sha256()
+    for array in batch if isinstance(batch, tuple) else (batch,):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 @torch.no_grad()
-def _evaluate(model: nn.Module, forward: Callable, features: torch.Tensor, episodes: list[torch.Tensor],
-              batch_size: int, amp: Callable[[], ContextManager]) -> dict[str, float]:
-    sums = MetricSums(features.device)
-    rows, labels, mags = episodes
-    for start in range(0, len(rows), batch_size):
-        part = slice(start, start + batch_size)
+def _evaluate(model: nn.Module, forward: Callable, task: Any, batch_size: int, amp: Callable[[], ContextManager],
+              context: Context) -> dict[str, float]:
+    """Scores over the fixed validation set: each rank its shard, sums added over ranks."""
+    sums = MetricSums(context.device)
+    for current in task.eval_steps(batch_size):
         with amp():
-            logits, mag_pred = forward(features[rows[part]], mags[part])
-        sums.add(logits, mag_pred, labels[part], mags[part], model.sigma_m)
+            logits, mag_pred = task.predict(forward, current, train=False)
+        sums.add(logits, mag_pred, current, model.sigma_m)
+    all_sum(sums.total, context)
     return sums.summary(model.loss_log_var)
 
 
@@ -229,9 +265,10 @@ def _fingerprint(x_train: np.ndarray, x_val: np.ndarray, codes_train: Codes, cod
     digest = hashlib.blake2b(digest_size=16)
     for codes, features in ((codes_train, x_train), (codes_val, x_val)):
         digest.update("\n".join(codes.ids).encode())
-        for array in (features, codes.indices, codes.values, codes.latent_id):
+        arrays = (codes.indices, codes.values) if codes.kind == "sparse" else (codes.targets, codes.column_dense)
+        for array in (features, *arrays, codes.latent_id):
             digest.update(str(array.shape).encode())
-            digest.update(np.ascontiguousarray(array).tobytes())
+            digest.update(np.ascontiguousarray(array).view(np.uint8))  # hashed in place, never copied
     return digest.hexdigest()
 
 

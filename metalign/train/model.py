@@ -19,9 +19,7 @@ from torch.nn import functional as F
 
 from metalign.io import DataContractError
 from metalign.train.checkpoint import load_checkpoint
-
-MODEL_TYPES = ("transformer", "lstm", "static_linear")
-SEQUENCE_TYPES = ("transformer", "lstm")
+from metalign.train.config import MODEL_TYPES, SEQUENCE_TYPES
 
 
 @dataclass(frozen=True)
@@ -173,7 +171,7 @@ class HurdleModel(nn.Module):
 
     def __init__(self, c: ModelConfig, sigma_m: float | Sequence[float]):
         super().__init__()
-        sigma = torch.as_tensor(np.asarray(sigma_m, dtype=np.float32))
+        sigma = torch.tensor(np.array(sigma_m, dtype=np.float32))
         if not torch.isfinite(sigma).all() or (sigma <= 0).any():
             raise ValueError(f"sigma_m must be positive and finite, got {sigma_m}")
         self.config = c
@@ -209,8 +207,9 @@ class MetaLearner(HurdleModel):
         previous = (F.pad(mags[:, :-1], (1, 0)) / self.sigma_m).unsqueeze(-1).to(x.dtype)  # m_0 = 0
         if self.config.no_embed:
             tokens = x + self.previous(previous)
-        else:
-            tokens = self.embed(torch.cat([previous, x], dim=-1))
+        else:  # embed([m, x]) without materialising the (B, T, D+1) concatenation
+            weight = self.embed.weight
+            tokens = F.linear(x, weight[:, 1:], self.embed.bias) + previous * weight[:, 0]
         h = self.ln_f(self.core(tokens))
         return self.logit_head(h).squeeze(-1), self.mag_head(h).squeeze(-1) * self.sigma_m
 

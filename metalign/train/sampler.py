@@ -2,8 +2,9 @@
 
 Per-function positive lists are built once in CSR form (memory O(nnz), never a dense N x F matrix, P-41). An episode
 costs O(sl): positives are drawn from j's list, negatives uniformly from all rows with rejection of j's positives, and
-duplicates are redrawn (P-43). Every draw comes from a generator seeded by (seed, stream, rank, step), so episodes are
-reproducible, independent of call order (resume), and differ across ranks (P-15).
+duplicates are redrawn (P-43); a batch is drawn in vectorised rounds over all of its still-open slots. Every draw
+comes from a generator seeded by (seed, stream, rank, step, block), so episodes are reproducible, independent of call
+order (resume) and of the number of sampler threads, and differ across ranks (P-15).
 
 Dense targets (neurons, protocols §3) add an (N, F) magnitude matrix: negatives then carry magnitudes too
 (x − median ≤ 0), membership is read from it in O(1), and the magnitude of a dense function is fitted on every token
@@ -12,6 +13,7 @@ Dense targets (neurons, protocols §3) add an (N, F) magnitude matrix: negatives
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -21,6 +23,7 @@ from metalign.functions.select import max_episode_draw
 from metalign.io import DataContractError
 
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
+CHUNK = 512  # episodes per independently seeded block of a training batch
 
 
 class Batch(NamedTuple):
@@ -107,11 +110,24 @@ class EpisodeSampler:
         positives = self.mags[~self.mse_all[np.repeat(np.arange(self.n_functions), self.nnz)]]
         return float(np.std(np.concatenate([fitted, positives]), dtype=np.float64))
 
-    def sample(self, batch_size: int, step: int) -> Batch:
-        """Training episodes of one step; functions uniform over the kept set, deterministic in (seed, rank, step)."""
-        rng = self._rng(_TRAIN_STREAM, self.rank, step)
-        functions = rng.integers(0, self.n_functions, size=batch_size)
-        return Batch(*self._draw(rng, functions))
+    def sample(self, batch_size: int, step: int, threads: int = 1) -> Batch:
+        """Training episodes of one step; functions uniform over the kept set, deterministic in (seed, rank, step).
+
+        The batch is drawn in blocks of `CHUNK` episodes, each from its own generator (seed, stream, rank, step,
+        block), so `threads` (numpy releases the GIL in its sorts and gathers) changes the speed, never the episodes.
+        """
+        def block(index: int) -> tuple[np.ndarray, ...]:
+            rng = self._rng(_TRAIN_STREAM, self.rank, step, index)
+            size = min(CHUNK, batch_size - index * CHUNK)
+            return self._draw(rng, rng.integers(0, self.n_functions, size=size))
+
+        blocks = range(-(-batch_size // CHUNK))
+        if threads > 1 and len(blocks) > 1:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                parts = list(pool.map(block, blocks))
+        else:
+            parts = [block(index) for index in blocks]
+        return Batch(*(np.concatenate(arrays) for arrays in zip(*parts)))
 
     def evaluation_set(self, n_per_function: int, seed: int) -> EpisodeSet:
         """The fixed evaluation episodes (P-17): n_per_function per kept function, ordered by function.
@@ -123,8 +139,8 @@ class EpisodeSampler:
         rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(_EVAL_STREAM,)))
         return EpisodeSet(*self._draw(rng, functions), functions)
 
-    def _rng(self, stream: int, rank: int, step: int) -> np.random.Generator:
-        return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(stream, rank, int(step))))
+    def _rng(self, stream: int, rank: int, step: int, block: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(stream, rank, int(step), block)))
 
     def _draw(self, rng: np.random.Generator,
               functions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -134,21 +150,26 @@ class EpisodeSampler:
         positive = np.arange(sl)[None, :] < n_pos[:, None]
         rows = np.zeros((batch, sl), dtype=np.int64)
         source = np.zeros((batch, sl), dtype=np.int64)  # CSR position of each positive (for its magnitude)
-        todo = np.ones((batch, sl), dtype=bool)
-        while todo.any():
-            episode, slot = np.nonzero(todo)
-            pos = positive[episode, slot]
-            j = functions[episode[pos]]
+        flat_rows, flat_source, flat_positive = rows.reshape(-1), source.reshape(-1), positive.reshape(-1)
+        todo = np.arange(batch * sl)  # flat slots still to fill, ascending
+        while todo.size:
+            pos = flat_positive[todo]
+            filled, open_ = todo[pos], todo[~pos]
+            j = functions[filled // sl]
             picked = self.offsets[j] + rng.integers(0, self.nnz[j])
-            source[episode[pos], slot[pos]] = picked
-            rows[episode[pos], slot[pos]] = self.rows[picked]
-            negative = rng.integers(0, self.n_rows, size=int((~pos).sum()))
-            rows[episode[~pos], slot[~pos]] = negative
-            todo[:] = False
-            todo[episode[~pos], slot[~pos]] = self._is_positive(functions[episode[~pos]], negative)
-            touched = np.unique(episode)
-            todo[touched] |= self._repeats(rows[touched], todo[touched])
-        order = np.argsort(rng.random((batch, sl)), axis=1)
+            flat_source[filled] = picked
+            flat_rows[filled] = self.rows[picked]
+            negative = rng.integers(0, self.n_rows, size=open_.size)
+            flat_rows[open_] = negative
+            pending = np.zeros(batch * sl, dtype=bool)
+            pending[open_[self._is_positive(functions[open_ // sl], negative)]] = True
+            touched = np.zeros(batch, dtype=bool)
+            touched[todo // sl] = True
+            touched = np.flatnonzero(touched)
+            pending = pending.reshape(batch, sl)
+            pending[touched] |= self._repeats(rows[touched], pending[touched])
+            todo = np.flatnonzero(pending)
+        _, order = _sort_with_order(rng.integers(0, 1 << 31, size=(batch, sl)))  # a uniform shuffle of each episode
         positive = np.take_along_axis(positive, order, axis=1)
         rows = np.take_along_axis(rows, order, axis=1)
         labels = positive.astype(np.float32)
@@ -164,17 +185,29 @@ class EpisodeSampler:
         if self.dense_labels is not None:
             return self.dense_labels[rows, functions]
         keys = functions * self.n_rows + rows
-        order = np.argsort(keys)
+        ordered, order = _sort_with_order(keys)
         found = np.empty(len(keys), dtype=np.int64)
-        found[order] = np.searchsorted(self._keys, keys[order])
+        found[order] = np.searchsorted(self._keys, ordered)
         return self._keys[found.clip(max=len(self._keys) - 1)] == keys
 
     @staticmethod
     def _repeats(rows: np.ndarray, rejected: np.ndarray) -> np.ndarray:
         """Slots whose row already occurs in an earlier slot of the same episode (rejected slots are ignored)."""
-        keys = np.where(rejected, -1 - np.arange(rows.shape[1]), rows)
-        order = np.argsort(keys, axis=1, kind="stable")
-        ordered = np.take_along_axis(keys, order, axis=1)
+        slots = np.arange(rows.shape[1])
+        keys = np.where(rejected, slots, rows + len(slots))  # rejected slots get unique keys below every row
+        ordered, order = _sort_with_order(keys)
         repeat = np.zeros(rows.shape, dtype=bool)
         np.put_along_axis(repeat, order[:, 1:], ordered[:, 1:] == ordered[:, :-1], axis=1)
         return repeat
+
+
+def _sort_with_order(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted keys, argsort) of non-negative int64 keys along the last axis, ties in position order.
+
+    One value sort of key·n + position: np.sort is several times faster than np.argsort on these sizes.
+    """
+    n = keys.shape[-1]
+    if keys.size and keys.max() >= np.iinfo(np.int64).max // max(n, 1):
+        raise OverflowError("sampler keys too large to sort with their positions")
+    packed = np.sort(keys * n + np.arange(n), axis=-1)
+    return packed // n, packed % n

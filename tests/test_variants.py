@@ -1,0 +1,230 @@
+"""Model variants (protocols §5, §8, §12): encode() of each, LSTM and no-embed sequence models, static_linear,
+weight decay on the embedding, dense (neuron) targets, and in-context-learning curves."""
+
+from __future__ import annotations
+
+import argparse
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from metalign.functions.codes import Codes, read_codes, write_codes, write_neurons
+from metalign.functions.select import function_stats, select_functions
+from metalign.io import write_h5
+from metalign.train import Features, ModelConfig, TrainConfig, build_model, load_encoder, train
+from metalign.train import cli as train_cli
+from metalign.train import icl
+from metalign.train.model import parameter_groups
+
+D = 16
+FAST = dict(seed=7, sl=20, batch_size=32, lr=3e-3, log_every=5, n_eval_episodes_per_function=4, min_step=0,
+            min_acc=0.0, min_delta=0.0, patience=1000, hidden=24, n_heads=4, eval_every=50, checkpoint_every=1000)
+VARIANTS = {
+    "main": {}, "lstm": {"model_type": "lstm"}, "mlp": {"use_mlp": True, "mlp_size": 32}, "2layers": {"n_layers": 2},
+    "8heads": {"hidden": 32, "n_heads": 8}, "h40": {"hidden": 40}, "static_linear": {"model_type": "static_linear"},
+    "noemb": {"no_embed": True, "hidden": D},
+}
+
+
+def planted_pair(n_functions: int = 6, seed: int = 0) -> dict[str, tuple[Features, Codes]]:
+    """Train and validation splits of the same planted functions: latent 2j+1 fires with magnitude relu(x·w_j),
+    w_j near one shared direction (which a sequence model can learn across episodes)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(D) + 0.3 * rng.standard_normal((n_functions, D))
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    latent = 2 * np.arange(n_functions) + 1
+    out = {}
+    for split, n in (("train", 400), ("val", 240)):
+        x = rng.standard_normal((n, D)).astype(np.float32)
+        values = np.maximum(x @ w.T, 0).astype(np.float32)
+        indices = np.broadcast_to(latent, values.shape).astype(np.int32)
+        stats = function_stats(indices, values, 2 * n_functions)
+        kept = select_functions(stats.nnz, 20, 20, n).latent_id
+        ids = [f"{split}{i:04d}" for i in range(n)]
+        codes = Codes(ids=ids, latent_id=kept, nnz=stats.nnz[kept], mean=stats.mean[kept], std=stats.std[kept],
+                      attrs={"d_sae": 2 * n_functions, "n_columns": 2 * n_functions}, indices=indices, values=values)
+        out[split] = (Features(ids, x), codes)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """The models here are tiny: intra-op threads only add contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return planted_pair()
+
+
+def fit(data, tmp_path, name: str, steps: int = 150, **overrides):
+    (xt, ct), (xv, cv) = data["train"], data["val"]
+    result = train({**FAST, "steps": steps, **overrides}, xt, ct, xv, cv, tmp_path / f"{name}.pt",
+                   tmp_path / f"{name}.csv")
+    return result, tmp_path / f"{name}.pt"
+
+
+# ------------------------------------------------------------------------------------------------- encode()
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_encode_shape_of_every_variant(variant):
+    config = TrainConfig.from_dict({**FAST, **VARIANTS[variant]})
+    model_config = ModelConfig.from_dict(config.model_dict(D, n_functions=5))
+    torch.manual_seed(0)
+    model = build_model(model_config, 1.3 if model_config.episodic else np.full(5, 1.3)).eval()
+    x = torch.randn(7, D)
+    if variant == "noemb":
+        assert not any(name.startswith("embed") for name, _ in model.named_parameters())
+        with pytest.raises(ValueError, match="no representation to encode"):
+            model.encode(x)
+        logits, mags = model(torch.randn(2, 9, D), torch.rand(2, 9))
+        assert logits.shape == mags.shape == (2, 9)
+        return
+    z = model.encode(x)
+    assert z.shape == (7, model_config.hidden)
+    if variant == "static_linear":
+        torch.testing.assert_close(z, torch.nn.functional.layer_norm(model.embed(x), (model_config.hidden,),
+                                                                     model.embed_norm.weight, model.embed_norm.bias))
+        logits, mags = model(x)
+        assert logits.shape == mags.shape == (7, 5)
+    else:  # every sequence variant is evaluated through embed([0, x]) alone (§8)
+        torch.testing.assert_close(z, model.embed(torch.cat([torch.zeros(7, 1), x], dim=1)))
+        logits, mags = model(torch.randn(2, 9, D), torch.rand(2, 9))
+        assert logits.shape == mags.shape == (2, 9)
+
+
+def test_lstm_is_causal_and_config_errors():
+    model = build_model(ModelConfig(d_in=D, hidden=12, model_type="lstm", n_layers=2), 1.0).eval()
+    x, mags = torch.randn(2, 10, D), torch.rand(2, 10)
+    logits, _ = model(x, mags)
+    x2 = x.clone()
+    x2[:, 6] += 1.0
+    logits2, _ = model(x2, mags)
+    torch.testing.assert_close(logits[:, :6], logits2[:, :6])
+    assert not torch.allclose(logits[:, 6:], logits2[:, 6:])
+    with pytest.raises(ValueError, match="no_embed needs"):
+        ModelConfig(d_in=D, hidden=24, n_heads=4, no_embed=True)
+    with pytest.raises(ValueError, match="n_functions"):
+        ModelConfig(d_in=D, model_type="static_linear")
+    with pytest.raises(ValueError, match="not implemented"):
+        ModelConfig(d_in=D, model_type="gru")
+    # the same checks where the workflow validates its config (before D is known, without torch)
+    with pytest.raises(ValueError, match="model_type 'gru'"):
+        TrainConfig.from_dict({"model_type": "gru"})
+    with pytest.raises(ValueError, match="no_embed applies to sequence models"):
+        TrainConfig.from_dict({"model_type": "static_linear", "no_embed": True})
+    with pytest.raises(ValueError, match=r"hidden \(24\) / n_heads \(16\)"):
+        TrainConfig.from_dict({"hidden": 24})
+
+
+def test_weight_decay_reaches_the_embedding_only_when_asked(data, tmp_path):
+    model = build_model(ModelConfig(d_in=D, hidden=24, n_heads=4), 1.0)
+    spared = {id(p) for p in parameter_groups(model, 0.1)[1]["params"]}
+    assert id(model.embed.weight) in spared and id(model.loss_log_var) in spared
+    assert id(model.core.blocks[0].attn.qkv.weight) not in spared
+    spared = {id(p) for p in parameter_groups(model, 0.1, decay_embed=True)[1]["params"]}
+    assert id(model.embed.weight) not in spared and id(model.loss_log_var) in spared
+
+    norms = {}
+    for decay_embed in (False, True):
+        result, _ = fit(data, tmp_path, f"wd{decay_embed}", steps=40, weight_decay=10.0, decay_embed=decay_embed)
+        norms[decay_embed] = float(result.model.embed.weight.detach().norm())
+    assert norms[True] < 0.6 * norms[False]
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+
+def test_static_linear_learns_all_functions_per_image(data, tmp_path):
+    result, path = fit(data, tmp_path, "static", steps=200, model_type="static_linear", lr=1e-2)
+    assert result.best_scores["acc"] > 0.85 and result.best_scores["r2"] > 0.5
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["model_config"]["n_functions"] == 6 and len(ckpt["sigma_m"]) == 6
+    np.testing.assert_allclose(ckpt["sigma_m"], data["train"][1].std, rtol=1e-6)
+    z = load_encoder(path)(data["val"][0].values)
+    assert z.shape == (240, 24)
+    state = ckpt["state_dict"]
+    standard = (z - state["embed_norm.bias"].numpy()) / state["embed_norm.weight"].numpy()  # r = LayerNorm(Wx + c)
+    np.testing.assert_allclose(standard.mean(axis=1), 0, atol=1e-4)
+    np.testing.assert_allclose(standard.std(axis=1), 1, atol=1e-3)
+    with pytest.raises(ValueError, match="sees no episodes"):
+        icl.icl_curves(ckpt, data["val"][0], data["val"][1], 2, 0)
+
+
+def test_lstm_and_neuron_targets_learn(data, tmp_path):
+    result, _ = fit(data, tmp_path, "lstm", steps=150, model_type="lstm")
+    assert result.best_scores["acc"] > 0.75
+    # dense targets: the neurons of a planted representation y = x·W (median split), magnitudes fitted everywhere
+    rng = np.random.default_rng(5)
+    W = (rng.standard_normal((D, 1)) + 0.3 * rng.standard_normal((D, 4))).astype(np.float32)
+    splits = {}
+    for split, (features, _) in data.items():
+        write_neurons(tmp_path / f"{split}_raw.h5", features.ids, features.values @ W, 20, 20, {})
+        splits[split] = (features, read_codes(tmp_path / f"{split}_raw.h5"))
+    assert splits["train"][1].function_dense().all()
+    result, _ = fit(splits, tmp_path, "raw", steps=150)
+    assert result.best_scores["acc"] > 0.8 and result.best_scores["r2"] > 0.5
+
+
+# ------------------------------------------------------------------------------------------------- ICL
+
+
+def test_icl_curves_fixed_episodes_and_figure(data, tmp_path):
+    _, main = fit(data, tmp_path, "main", steps=150)
+    _, noemb = fit(data, tmp_path, "noemb", steps=60, no_embed=True, hidden=D)
+    features, codes = data["val"]
+    ckpt = torch.load(main, weights_only=True)
+    curves = icl.icl_curves(ckpt, features, codes, n_per_function=30, seed=3)
+    episodes = curves["episodes"]
+    assert curves["acc"].shape == (20,) and curves["acc"].mean() > 0.8  # chance: 0.5
+    squared = (curves["mag_pred"] - episodes.mags) ** 2
+    t = 7
+    positive = episodes.labels[:, t] == 1
+    assert curves["mse_pos"][t] == pytest.approx(squared[positive, t].mean(), rel=1e-5)
+    assert curves["mse_all"][t] == pytest.approx(squared[:, t].mean(), rel=1e-5)
+    assert curves["n_pos"][t] == positive.sum()
+
+    # the same episodes for another model and another backbone (other features, same image ids)
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    icl.register(sub)
+    train_cli.register(sub)
+    other_backbone = tmp_path / "other.h5"
+    write_h5(other_backbone, {"features": np.random.default_rng(1).standard_normal((240, D)).astype(np.float32)},
+             features.ids[::-1], {})
+    write_h5(tmp_path / "val.h5", {"features": features.values}, features.ids, {})
+    write_codes(tmp_path / "val_codes.h5", codes.ids, codes.indices, codes.values, 12, 20, 20, {})
+    outputs = []
+    for name, ckpt_path, feature_path in (("main", main, tmp_path / "val.h5"), ("noemb", noemb, tmp_path / "val.h5"),
+                                          ("other", main, other_backbone)):
+        out = tmp_path / "icl" / name / "model.h5"
+        args = parser.parse_args(["icl-eval", "--ckpt", str(ckpt_path), "--features", str(feature_path), "--codes",
+                                  str(tmp_path / "val_codes.h5"), "--out", str(out), "--n-per-function", "30",
+                                  "--seed", "3", "--device", "cpu"])
+        args.func(args)
+        outputs.append(out)
+    hashes = []
+    for out in outputs:
+        with h5py.File(out) as handle:
+            hashes.append(handle.attrs["episodes_sha256"])
+            assert handle["acc"].shape == (20,) and handle["outputs/prob"].shape == (180, 20)
+    assert len(set(hashes)) == 1
+    with h5py.File(outputs[0]) as handle:
+        np.testing.assert_allclose(handle["acc"][:], curves["acc"])
+
+    args = parser.parse_args(["figure-icl", "--inputs", *map(str, outputs), "--out", str(tmp_path / "icl.png")])
+    args.func(args)
+    assert (tmp_path / "icl.png").stat().st_size > 10_000
+    # noemb has no representation: encode fails with a clear message
+    args = parser.parse_args(["encode", "--ckpt", str(noemb), "--features", str(tmp_path / "val.h5"),
+                              "--out", str(tmp_path / "z.h5"), "--device", "cpu"])
+    with pytest.raises(ValueError, match="no_embed=true has no embed layer"):
+        args.func(args)
+    assert not (tmp_path / "z.h5").exists()
