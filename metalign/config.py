@@ -78,13 +78,10 @@ def check_references(config: Mapping[str, Any]) -> None:
             need(fset.eval_split, datasets, f"function_sets.{name}.eval_split", "dataset")
     for name, variant in config["variants"].items():
         need(variant["function_set"], config["function_sets"], f"variants.{name}.function_set", "function set")
-        params = variant_params(config, name)
         try:
-            TrainConfig.from_dict(params)
+            TrainConfig.from_dict(variant_params(config, name))
         except ValueError as err:
             raise ConfigError(f"variants.{name}: {err}") from None
-        if params.get("hidden") and params["hidden"] % params.get("n_heads", 1):
-            raise ConfigError(f"variants.{name}: hidden ({params['hidden']}) must be divisible by n_heads ({params['n_heads']})")
     for name in config.get("icl", {}).get("variants", []):
         need(name, config["variants"], "icl.variants", "variant")
         if variant_params(config, name).get("model_type", "transformer") not in SEQUENCE_TYPES:
