@@ -44,6 +44,11 @@ def as_json(value) -> str:
     return "'" + json.dumps(value, sort_keys=True).replace("'", "'\\''") + "'"
 
 
+def stable(entry: dict) -> dict:
+    """A dict param in key order, so that reordering keys in a config file does not make a job stale."""
+    return {key: entry[key] for key in sorted(entry)}
+
+
 BACKBONES = list(config["backbones"])
 VARIANTS = list(config["variants"])
 ENCODED = [v for v in VARIANTS if has_representation(variant_params(config, v))]  # noemb has no encode() (§8)

@@ -20,7 +20,7 @@ rule demo_vit:
     output:
         f"{RES}/models/vit_tiny/config.json",
     params:
-        vit=config["demo"]["vit"],
+        vit=stable(config["demo"]["vit"]),
         out=f"{RES}/models/vit_tiny",
     log:
         f"{R}/logs/demo_vit.log",

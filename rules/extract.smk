@@ -11,7 +11,7 @@ rule manifest:
     output:
         f"{R}/manifests/{{dataset}}.csv",
     params:
-        entry=lambda wc: _dataset(wc),
+        entry=lambda wc: stable(_dataset(wc)),
         unique_ids=lambda wc: f"--unique-ids {_dataset(wc)['unique_ids']}" if "unique_ids" in _dataset(wc) else "",
         checksums=lambda wc: "--checksums" if _dataset(wc).get("checksums") else "",
         expected=lambda wc: f"--expected-count {_dataset(wc)['expected_count']}" if "expected_count" in _dataset(wc) else "",
@@ -30,7 +30,7 @@ rule extract:
         f"{R}/embeddings/{{dataset}}/{{backbone}}.h5",
     params:
         entry=lambda wc: as_json({"name": wc.backbone, **config["backbones"][wc.backbone]}),
-        opts=config.get("extract", {}),
+        opts=stable(config.get("extract", {})),
         amp="--amp" if config.get("extract", {}).get("amp") else "",
     threads: 2
     resources:

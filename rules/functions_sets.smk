@@ -40,7 +40,7 @@ rule sae_train:
     wildcard_constraints:
         fset=_sets("train"),
     params:
-        sae=lambda wc: _fs(wc).entry["sae"],
+        sae=lambda wc: stable(_fs(wc).entry["sae"]),
         output=lambda wc: _fs(wc).source_output,
     threads: 2
     log:

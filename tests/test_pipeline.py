@@ -77,7 +77,7 @@ def test_changed_training_steps_rerun_only_descendants(demo, tmp_path):
     config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     config["train"]["steps"] += 10
     path = tmp_path / "changed.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     jobs = planned_jobs(snakemake(workdir, "-n", "--quiet", "rules", "all", config=path))
     n_backbones = len(config["backbones"])
     upstream = {"demo_world", "demo_vit", "demo_behaviour", "demo_fmri", "demo_labelled", "manifest", "extract",
@@ -108,7 +108,7 @@ def test_slurm_profile_dry_run_maps_gpus(demo):
     config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     config["train"]["steps"] += 1
     path = workdir / "slurm_check.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     result = snakemake(workdir, "-n", "--profile", "slurm", "all", config=path)
     text = result.stdout + result.stderr
     assert "rule train" in text
