@@ -117,17 +117,8 @@ class Block(nn.Module):
 
 
 class TransformerCore(nn.Module):
-    def __init__(self, c: ModelConfig):
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+    """n_layers pre-LayerNorm causal blocks."""
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            h = block(h)
-        return h
-
-
-class TransformerCore(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
