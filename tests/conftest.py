@@ -22,6 +22,17 @@ def _offline_env(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("NILEARN_DATA", str(tmp_path_factory.mktemp("nilearn_data")))
 
 
+@pytest.fixture
+def single_thread():
+    """Tiny models and matrices: intra-op threads only add contention on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_vit(tmp_path_factory) -> Path:
     from metalign.demo.models import save_tiny_vit

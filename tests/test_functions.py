@@ -17,13 +17,7 @@ from metalign.functions.select import function_stats, max_episode_draw, select_f
 from metalign.io import DataContractError, read_h5, write_h5
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The matrices here are tiny: intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only add contention
 
 
 def random_weights(d_in: int = 16, d_sae: int = 48, seed: int = 0) -> dict[str, np.ndarray]:

@@ -47,13 +47,7 @@ def planted(n: int, n_functions: int, seed: int, prefix: str) -> tuple[Features,
     return Features(ids, x), codes, truth
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The models here are tiny: intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only add contention
 
 
 @pytest.fixture(scope="module")

@@ -49,13 +49,7 @@ def planted_pair(n_functions: int = 6, seed: int = 0) -> dict[str, tuple[Feature
     return out
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The models here are tiny: intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only add contention
 
 
 @pytest.fixture(scope="module")
