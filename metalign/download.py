@@ -12,7 +12,8 @@ Every file is verified: against `sha256`/`md5`/`size` pinned in the config, the 
 or else against the lock file (`downloads.lock`), which records checksums and resolved hub commits on first fetch,
 so a second machine gets the same bytes. A mirror is a new `url` (pin its checksum from the lock); a newer release is a
 new `url`/`revision` (the lock entry is replaced). Work happens in `<receipts>/.work/<item>/` (kept between runs, so a
-rerun resumes); the destination appears by rename; the receipt `<receipts>/<item>.json` is written last: it is the
+rerun resumes); a folder item's `expect` globs (the files its readers need) are checked before the destination
+appears by rename; the receipt `<receipts>/<item>.json` is written last: it is the
 completion marker and the rule's output.
 """
 
@@ -32,7 +33,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import requests
 
@@ -107,8 +108,20 @@ def _matching(names: list[str], patterns: list[str], what: str) -> list[str]:
     return chosen
 
 
-def _replace_dir(src: Path, dest: Path) -> None:
-    """Put the finished tree `src` at `dest`; an older `dest` is moved aside first and removed after."""
+def check_layout(tree: Path, expect: Sequence[str], what: str) -> None:
+    """Every `expect` glob (relative to the tree) matches a path: a release whose archive layout differs from what the
+    readers assume fails here, naming the pattern, instead of as a confusing error stages later."""
+    for pattern in expect:
+        if next(iter(tree.glob(pattern)), None) is None:
+            top = sorted(p.name for p in tree.iterdir())[:20] if tree.is_dir() else []
+            raise DownloadError(f"{what}: nothing matches expected path {pattern!r} in the downloaded tree "
+                                f"(the release's layout differs from the config's `expect`); top level: {top}")
+
+
+def _replace_dir(src: Path, dest: Path, expect: Sequence[str] = (), what: str = "") -> None:
+    """Put the finished tree `src` at `dest` once its layout is as expected; an older `dest` is moved aside first and
+    removed after, so a failed check leaves the older tree in place."""
+    check_layout(src, expect, what)
     dest.parent.mkdir(parents=True, exist_ok=True)
     old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
     if dest.exists() or dest.is_symlink():
@@ -196,9 +209,9 @@ def _unpack(archive: Path, out: Path, spec: Mapping[str, Any], what: str) -> Non
     shutil.rmtree(out / "__MACOSX", ignore_errors=True)
 
 
-def extract_archive(archive: Path, dest: Path, spec: Mapping[str, Any], what: str) -> None:
+def extract_archive(archive: Path, dest: Path, spec: Mapping[str, Any], what: str, expect: Sequence[str] = ()) -> None:
     """Unpack to a temp dir beside `dest`; keep `subdir` (or the one `file`, or unpack a nested `then` archive);
-    rename onto `dest`."""
+    check `expect`; rename onto `dest`."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.unpack-", dir=dest.parent))
     try:
@@ -212,14 +225,14 @@ def extract_archive(archive: Path, dest: Path, spec: Mapping[str, Any], what: st
             member = root / inner["member"]
             if not member.is_file():
                 raise DownloadError(f"{what}: nested archive {inner['member']!r} not found in {archive.name}")
-            extract_archive(member, dest, inner, what)
+            extract_archive(member, dest, inner, what, expect)
         elif spec.get("file"):
             member = root / spec["file"]
             if not member.is_file():
                 raise DownloadError(f"{what}: {archive.name} has no file {spec['file']!r}")
             os.replace(member, dest)
         else:
-            _replace_dir(root, dest)
+            _replace_dir(root, dest, expect, what)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -279,7 +292,7 @@ class Job:
         expected = _expected(self.spec, locked.get("files", {}).get(filename))
         got = self._fetch(url, self.work / filename, expected)
         if archive is not None:
-            extract_archive(self.work / filename, self.dest, archive, self.name)
+            extract_archive(self.work / filename, self.dest, archive, self.name, self.spec.get("expect", ()))
         else:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.work / filename, self.dest)
@@ -328,7 +341,7 @@ class Job:
         else:
             tree = self.work / "tree"
             got = {n: self._fetch(urls[n], tree / n, expected[n], headers[n], page) for n in names}
-        _replace_dir(tree, self.dest)
+        _replace_dir(tree, self.dest, self.spec.get("expect", ()), self.name)
         self.lock.record(self.name, {"source": source, "requested": wanted, "revision": info.sha, "files": got})
         return {"source": source, "revision": info.sha, "files": got, **({"selected": selected} if selected else {})}
 
@@ -350,7 +363,7 @@ class Job:
             if "archive" in self.spec and _strip_archive_suffix(name) != name:
                 extract_archive(tree / name, tree / _strip_archive_suffix(name), self.spec["archive"], self.name)
                 (tree / name).unlink()
-        _replace_dir(tree, self.dest)
+        _replace_dir(tree, self.dest, self.spec.get("expect", ()), self.name)
         self.lock.record(self.name, {"source": source, "files": got})
         return {"source": source, "files": got}
 

@@ -294,6 +294,23 @@ def test_plain_file_item_and_missing_subdir(server, tmp_path):
         _job(tmp_path, {"url": f"{server.url}/t.tar.gz", "dest": "cue", "archive": {"subdir": "cue-conflict"}})
 
 
+def test_unexpected_layout_is_refused_and_the_older_tree_kept(server, tmp_path):
+    server.files["/cub.tgz"] = _tar({"CUB_200_2011/images/001.Albatross/a.jpg": b"a",
+                                     "CUB_200_2011/images.txt": b"1 001.Albatross/a.jpg\n"}, "w:gz")
+    spec = {"url": f"{server.url}/cub.tgz", "dest": "cub", "archive": {"subdir": "CUB_200_2011"},
+            "expect": ["images/*/*.jpg", "images.txt"]}
+    _job(tmp_path, spec)
+    dest = tmp_path / "res" / "cub"
+    assert (dest / "images.txt").is_file()
+    # A new release without the split file: refused by name, the verified older tree stays, and no receipt is written.
+    server.files["/v2/cub.tgz"] = _tar({"CUB_200_2011/images/001.Albatross/a.jpg": b"a"}, "w:gz")
+    (tmp_path / "res/downloads/item.json").unlink()
+    with pytest.raises(DownloadError, match=r"expected path 'images.txt'.*\['images'\]"):
+        _job(tmp_path, {**spec, "url": f"{server.url}/v2/cub.tgz", "expect": ["images.txt"]})
+    assert (dest / "images.txt").is_file()
+    assert not (tmp_path / "res/downloads/item.json").exists()
+
+
 def test_nested_archive_and_unsafe_tar(server, tmp_path):
     inner = _tar({"101_ObjectCategories/ant/1.jpg": b"ant"}, "w:gz")
     server.files["/caltech-101.zip"] = _zip({"caltech-101/101_ObjectCategories.tar.gz": inner})
