@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -124,10 +125,58 @@ def test_bold5000_reader_drops_coco_after_noise_ceiling(fmri_dir):
     assert n_coco > 0 and len(sub.betas) == len(trials) - n_coco
     assert not any(s.startswith("COCO_") for s in sub.stimulus)
     assert trials["marked_repeat"].sum() == SPEC["bold5000"]["n_repeated"] * SPEC["bold5000"]["n_sessions"]
+    assert list(trials[["session", "run"]].drop_duplicates().itertuples(index=False)) == \
+        [(s, r) for s in range(1, 5) for r in (1, 2)]
     assert sub.match == "basename" and sub.rois.sum(1).tolist() == [1] * sub.rois.shape[0]
+    assert sub.attrs["betas_files"][0] == "CSI1_GLMbetas-TYPED-FITHRF-GLMDENOISE-RR_allses_LHEarlyVis.npy"
     with pytest.raises(DataContractError, match="not found"):
         bold5000.load_subject(root, "CSI1", 0.0, rois=["LHV9"])
 
+
+@pytest.fixture
+def bold_copy(fmri_dir, tmp_path) -> Path:
+    """A private copy of the simulated BOLD5000 release that a test may damage."""
+    return Path(shutil.copytree(fmri_dir / "bold5000", tmp_path / "bold5000"))
+
+
+def _betas_file(root: Path, roi: str) -> Path:
+    return root / bold5000.BETAS.format(subject="CSI1", roi=roi)
+
+
+def test_bold5000_row_count_mismatch_names_the_file(bold_copy):
+    path = _betas_file(bold_copy, "RHPPA")
+    np.save(path, np.load(path)[:-1])
+    with pytest.raises(DataContractError, match=f"{path.name}: shape .* expected \\(\\d+ trials"):
+        bold5000.load_subject(bold_copy, "CSI1", 0.0)
+
+
+def test_bold5000_trial_order_is_checked_against_the_image_names(bold_copy):
+    names = bold_copy / bold5000.IMAGE_NAMES.format(subject="CSI1")
+    lines = names.read_text().splitlines()
+    names.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
+    with pytest.raises(DataContractError, match="CSI1_imgnames.txt: .* first difference at trial 0"):
+        bold5000.load_subject(bold_copy, "CSI1", 0.0)
+    names.write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(DataContractError, match=f"{len(lines) - 1} trials, .* {len(lines)}; .* '<end>'"):
+        bold5000.load_subject(bold_copy, "CSI1", 0.0)
+    names.unlink()
+    with pytest.raises(DataContractError, match="image-name list not found"):
+        bold5000.load_subject(bold_copy, "CSI1", 0.0)
+
+
+def test_bold5000_roi_alias_and_invalid_voxels(fmri_dir, bold_copy):
+    reference = bold5000.load_subject(fmri_dir / "bold5000", "CSI1", 0.0)
+    _betas_file(bold_copy, "LHLOC").rename(_betas_file(bold_copy, "LHLO"))
+    path = _betas_file(bold_copy, "LHEarlyVis")
+    betas = np.load(path)
+    betas[3, 0], betas[:, 1] = np.nan, 0.0
+    np.save(path, betas)
+    sub = bold5000.load_subject(bold_copy, "CSI1", 0.0)
+    assert "CSI1_GLMbetas-TYPED-FITHRF-GLMDENOISE-RR_allses_LHLO.npy" in sub.attrs["betas_files"]
+    assert sub.attrs["n_voxels_invalid"] == 2 and "LHEarlyVis:0" not in set(sub.voxel_id)
+    assert any(v.startswith("LHLOC:") for v in sub.voxel_id)
+    kept = [list(reference.voxel_id).index(v) for v in sub.voxel_id]
+    np.testing.assert_allclose(sub.betas, reference.betas[:, kept], rtol=1e-5, atol=1e-6)
 
 # ----------------------------------------------------------------------------------------------- CV
 

@@ -2,8 +2,9 @@
 
 THINGS-fMRI (datasets.md §2.1): per subject `betas_csv/sub-0P_ResponseData.h5` (pandas fixed frame, `voxel_id` +
 one column per trial), `sub-0P_VoxelMetadata.csv`, `sub-0P_StimulusMetadata.csv` and
-`brainmasks/sub-0P_space-T1w_brainmask.nii.gz`. BOLD5000 (the Release 2.0 layout read by `metalign.brain.bold5000`):
-per-ROI `.npy` betas and per-run presentation lists, with COCO-named images that the evaluation must drop.
+`brainmasks/sub-0P_space-T1w_brainmask.nii.gz`. BOLD5000 (the Release 2.0 layout read by `metalign.brain.bold5000`,
+docs/bold5000.md): per-ROI `.npy` betas over all sessions, `CSI<s>_imgnames.txt` and per-run presentation lists, with
+COCO-named images that the evaluation must drop.
 
 The stimuli are the demo world's THINGS images. A voxel's response to an image is
     amplitude_v · (planted concept embedding of the image's concept · w_v)      (planted signal, unit variance)
@@ -26,7 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from metalign.brain.bold5000 import BETAS, LISTS, REPEAT_PREFIX, ROI_FILES
+from metalign.brain.bold5000 import BETAS, IMAGE_NAMES, LISTS, REPEAT_PREFIX, ROI_FILES, RUN_LIST
 from metalign.brain.hdf import write_frame
 from metalign.brain.stats import noise_ceiling
 from metalign.brain.things import RESPONSE_KEY
@@ -261,11 +262,11 @@ def write_bold5000_subject(out: Path, s: int, images: list[str], features: np.nd
         with atomic_path(path, suffix=".npy") as tmp:
             with open(tmp, "wb") as handle:
                 np.save(handle, betas[:, k * spec["voxels_per_roi"]:(k + 1) * spec["voxels_per_roi"]])
+    write_text(out / IMAGE_NAMES.format(subject=subject), "".join(names[i] + "\n" for i in design["image"]))
     lists = out / LISTS.format(subject=subject)
     for (session, run), block in design.groupby(["session", "run"], sort=True):
         lines = [(REPEAT_PREFIX if rep else "") + names[i] for i, rep in zip(block["image"], block["repeated"])]
-        write_text(lists / f"{subject}_sess{session:02d}" / f"CSI_sess{session:02d}_run{run:02d}.txt",
-                   "\n".join(lines) + "\n")
+        write_text(lists / RUN_LIST.format(subject=subject, session=session, run=run), "\n".join(lines) + "\n")
     return {"subject": subject, "n_trials": len(design), "n_voxels": n_voxels,
             "n_coco_trials": int(sum(names[i].startswith("COCO_") for i in design["image"]))}
 
