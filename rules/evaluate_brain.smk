@@ -93,10 +93,7 @@ if "bold5000" in BRAIN:
 
     rule brain_prepare_bold5000:
         input:
-            lambda wc: BRAIN["bold5000"].get("requires") or [
-                f"{BRAIN['bold5000']['root']}/BOLD5000_GLMsingle_ROI_betas/py/"
-                f"{wc.subject}_GLMbetas-TYPED-FITHRF-GLMDENOISE-RR_allses_{roi}.npy"
-                for roi in BRAIN["bold5000"]["roi_files"]],
+            BRAIN["bold5000"].get("requires", []),
         output:
             f"{R}/brain/bold5000/subjects/{{subject}}.h5",
         params:

@@ -87,7 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("brain-prepare-bold5000", help="read BOLD5000 ROI betas and write a prepared subject")
     p.add_argument("--root", required=True, type=Path,
-                   help="folder holding BOLD5000_GLMsingle_ROI_betas/ and BOLD5000_Stimuli/")
+                   help="folder holding BOLD5000_Release_2_0/ and BOLD5000_Stimuli/ (docs/bold5000.md)")
     p.add_argument("--subject", required=True, help="CSI1 … CSI4")
     p.add_argument("--nc-threshold", type=float, default=5.0, help="keep voxels whose noise ceiling exceeds this (%%)")
     p.add_argument("--rois", nargs="+", default=list(bold5000.ROI_FILES), help="ROI files to read")
