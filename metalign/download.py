@@ -6,7 +6,8 @@ Item kinds (the key that names the source decides):
 - `hub`: files of a Hugging Face repo (`files` = glob patterns, `revision`, `repo_type`), kept in their repo layout;
   with `select`, the repo's webdataset shards are *streamed* and only the selected samples are written as new shards
   (`metalign.wds_subset`: e.g. the ImageNet images that Levels references, without storing ImageNet).
-- `figshare_article`: files of a figshare/KiltHub article (`files` patterns), md5-verified from its API record.
+- `figshare_article`: files of a figshare/KiltHub article (`files` patterns; `figshare_version` pins a version),
+  md5-verified from its API record.
 
 Every file is verified: against `sha256`/`md5`/`size` pinned in the config, the hub's LFS sha256, the figshare md5,
 or else against the lock file (`downloads.lock`), which records checksums and resolved hub commits on first fetch,
@@ -349,8 +350,9 @@ class Job:
 
     def _figshare(self) -> dict[str, Any]:
         api = self.spec.get("api", "https://api.figshare.com/v2").rstrip("/")
-        article = self.spec["figshare_article"]
-        source = f"{api}/articles/{article}"
+        article, version = self.spec["figshare_article"], self.spec.get("figshare_version")
+        # An unversioned record is the article's latest version: pin `figshare_version` to freeze the file list.
+        source = f"{api}/articles/{article}" + (f"/versions/{version}" if version else "")
         record = _retrying(lambda: _get_json(self.session, source, self.retry.timeout_s), f"{self.name}: {source}",
                            self.retry)
         files = {f["name"]: f for f in record.get("files", [])}

@@ -359,6 +359,10 @@ def test_figshare_article_files_are_md5_verified(server, tmp_path):
     server.files["/files/ROIs.zip"] = b"corrupted in transit"
     with pytest.raises(DownloadError, match="mismatch"):
         _job(tmp_path, spec)
+    # A pinned version reads that version's record, not the latest one.
+    server.files["/v2/articles/6459449/versions/2"] = json.dumps({"files": record["files"][1:]}).encode()
+    _job(tmp_path, {**spec, "files": ["*.txt"], "figshare_version": 2, "archive": {}})
+    assert (tmp_path / "res/fmri/bold5000/README.txt").read_bytes() == b"readme"
 
 
 # ----------------------------------------------------------------------------------------------- the hub
