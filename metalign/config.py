@@ -9,6 +9,7 @@ import jsonschema
 import yaml
 
 from metalign.functions.sets import resolve_function_sets
+from metalign.layouts import LAYOUTS, check_options
 from metalign.train.config import SEQUENCE_TYPES, TrainConfig
 
 SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
@@ -33,6 +34,28 @@ def variant_params(config: Mapping[str, Any], variant: str) -> dict[str, Any]:
         where = ".".join(str(p) for p in err.absolute_path)
         raise ConfigError(f"variants.{variant}.{where}: {err.message}") from None
     return merged
+
+
+def check_dataset(name: str, entry: Mapping[str, Any]) -> None:
+    """A dataset's layout options, and its `split` key: given exactly when the layout does not read the splits."""
+    layout = LAYOUTS[entry["layout"]]
+    if layout.own_splits and "split" in entry:
+        raise ConfigError(f"datasets.{name}.split: layout {layout.name!r} takes each image's split from the dataset's "
+                          f"files ({'/'.join(layout.splits)}); remove the key")
+    if not layout.own_splits and "split" not in entry:
+        raise ConfigError(f"datasets.{name}.split: required for layout {layout.name!r}")
+    if layout.name == "things" and "unique_ids" not in entry:
+        raise ConfigError(f"datasets.{name}.unique_ids: required for layout 'things'")
+    try:
+        check_options(layout.name, {**entry.get("options", {}),
+                                    **({"unique_ids": entry["unique_ids"]} if "unique_ids" in entry else {})})
+    except ValueError as err:
+        raise ConfigError(f"datasets.{name}.options: {err}") from None
+
+
+def dataset_splits(entry: Mapping[str, Any]) -> tuple[str, ...]:
+    """The split values a dataset's manifest will hold."""
+    return LAYOUTS[entry["layout"]].splits or (entry["split"],)
 
 
 def check_references(config: Mapping[str, Any]) -> None:
@@ -65,8 +88,7 @@ def check_references(config: Mapping[str, Any]) -> None:
             raise ConfigError(f"{key}: unknown {kind} {name!r}; defined: {sorted(pool)}")
 
     for name, entry in datasets.items():
-        if entry["layout"] == "things" and "unique_ids" not in entry:
-            raise ConfigError(f"datasets.{name}.unique_ids: required for layout 'things'")
+        check_dataset(name, entry)
     try:
         function_sets = resolve_function_sets(config["function_sets"])
     except ValueError as err:

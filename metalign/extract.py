@@ -30,8 +30,7 @@ from tqdm import tqdm
 
 from metalign.backbones import Backbone, cache_key, hubs_offline, load_backbone
 from metalign.io import DataContractError, library_versions, manifest_hash, set_attrs
-from metalign.manifest import load_verified_manifest, read_image_bytes
-from metalign.webdataset_input import ShardReader
+from metalign.manifest import ImageReader, load_verified_manifest
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ class ManifestImages(Dataset):
         self.paths = manifest["path"].tolist()[start:]
         self.sha256 = manifest["sha256"].tolist()[start:] if "sha256" in manifest else None
         self.transform = transform
-        self.reader = ShardReader()
+        self.reader = ImageReader()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -60,7 +59,7 @@ class ManifestImages(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         path = self.paths[index]
         try:
-            data = read_image_bytes(path, self.reader)
+            data = self.reader.read(path)
         except OSError as err:
             raise DataContractError(f"cannot read image {path}: {err}") from None
         if self.sha256 is not None and hashlib.sha256(data).hexdigest() != self.sha256[index]:

@@ -1,12 +1,13 @@
 """Image-set manifests (image_id, path, label, split): the one row order of every array derived from an image set.
 
-Layouts are data (config `datasets.<name>.layout`), so adding a dataset in a known layout is a config entry:
-- `things`: `<root>/<concept>/<file>`, concepts in `unique_ids` order (the SPoSE row order), files sorted by name
-  within a concept; label = concept. Concepts listed in `unique_ids` but absent on disk are an error.
-- `flat`: `<root>/<file>` (COCO `train2017/`), files sorted by name; no label.
-- `class_folders`: `<root>/<class>/<file>` (ImageNet-style), classes and files sorted by name; label = class.
-- `webdataset`: `<root>/**/*.tar` shards sorted by path, samples in shard order; image_id = sample key, path =
-  `<shard>.tar/<member>`, label = the sample's `.cls` field (the ImageNet class index) or empty.
+Layouts are data (config `datasets.<name>.layout` + `options`), so adding a dataset in a known layout is a config
+entry; metalign.layouts lists them, each with its row order. Fixed-split layouts (`things`, `flat`,
+`class_folders`, `webdataset`) write the config's one `split` value into every row; own-split layouts (`cub`,
+`dtd`, `flowers102`, `pets`, `places365`, `stanford_cars`, `cifar`, `class_folders_seeded`) take it from the
+dataset's official split files. An image id may occur once.
+
+A path is a plain file, a member of an uncompressed tar (`<file>.tar/<member>`, metalign.webdataset_input) or a
+row of a CIFAR pickle (`<pickle>#<row>`, metalign.layouts.cifar); `ImageReader` reads all three.
 
 With `checksums`, a `sha256` column records each image's bytes; extraction then refuses an image whose bytes changed
 (it hashes the bytes it reads anyway, so the check costs no extra I/O).
@@ -16,79 +17,68 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 from pathlib import Path
+from typing import Any, Mapping
 
 import pandas as pd
 from tqdm import tqdm
 
 from metalign.io import DataContractError, read_manifest, write_csv
-from metalign.webdataset_input import ShardReader, list_images, member_path, split_member_path
-
-LAYOUTS = ("things", "flat", "class_folders", "webdataset")
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+from metalign.layouts import LAYOUTS, build_rows, get_layout
+from metalign.layouts.cifar import ArrayImageReader, split_row_path
+from metalign.webdataset_input import ShardReader, split_member_path
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def read_unique_ids(path: str | Path) -> list[str]:
-    """THINGS `unique_id.txt` (one id per line) or a CSV with an `id` header, as shipped by some mirrors."""
-    lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if lines and lines[0] == "id":
-        lines = lines[1:]
-    if len(set(lines)) != len(lines):
-        raise DataContractError(f"{path}: duplicated concept ids")
-    return lines
-
-
-def build_manifest(layout: str, root: str | Path, split: str, unique_ids: str | Path | None = None,
-                   checksums: bool = False) -> pd.DataFrame:
-    root = Path(root)
-    if not root.is_dir():
-        raise DataContractError(f"image folder not found: {root}")
-    rows: list[tuple[str, str, str]] = []
-    if layout == "things":
-        if unique_ids is None:
-            raise DataContractError("layout 'things' needs the unique_ids file")
-        for concept in read_unique_ids(unique_ids):
-            folder = root / concept
-            if not folder.is_dir():
-                raise DataContractError(f"{root}: concept folder {concept!r} listed in {unique_ids} is missing")
-            rows += [(f"{concept}/{p.name}", str(p), concept) for p in _images_in(folder)]
-    elif layout == "flat":
-        rows = [(p.name, str(p), "") for p in _images_in(root)]
-    elif layout == "class_folders":
-        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-            rows += [(f"{folder.name}/{p.name}", str(p), folder.name) for p in _images_in(folder)]
-    elif layout == "webdataset":
-        for shard in sorted(root.rglob("*.tar")):  # hub repos may keep shards in a subfolder
-            rows += [(s.key, member_path(shard, s.member), s.label) for s in list_images(shard)]
-    else:
-        raise DataContractError(f"unknown manifest layout {layout!r}; known: {', '.join(LAYOUTS)}")
+def build_manifest(layout: str, root: str | Path, split: str | None = None, unique_ids: str | Path | None = None,
+                   checksums: bool = False, options: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """The manifest of one image set; `split` is required by fixed-split layouts and refused by the others."""
+    spec = get_layout(layout)
+    if spec.own_splits and split is not None:
+        raise DataContractError(f"layout {layout!r} takes the split of every image from the dataset's files; "
+                                f"drop the split value {split!r}")
+    if not spec.own_splits and split is None:
+        raise DataContractError(f"layout {layout!r} needs a split value for its rows")
+    options = {**(options or {}), **({"unique_ids": str(unique_ids)} if unique_ids is not None else {})}
+    rows = build_rows(layout, root, options)
     if not rows:
         raise DataContractError(f"no images found under {root}")
-    frame = pd.DataFrame(rows, columns=["image_id", "path", "label"])
-    frame["split"] = split
+    frame = pd.DataFrame([(r.image_id, r.path, r.label, r.split if spec.own_splits else split) for r in rows],
+                         columns=["image_id", "path", "label", "split"])
+    repeated = frame["image_id"][frame["image_id"].duplicated()]
+    if len(repeated):
+        raise DataContractError(f"{root}: image id {repeated.iloc[0]!r} occurs twice (layout {layout!r})")
     if checksums:
-        reader = ShardReader()
-        frame["sha256"] = [hashlib.sha256(read_image_bytes(p, reader)).hexdigest()
+        reader = ImageReader()
+        frame["sha256"] = [hashlib.sha256(reader.read(p)).hexdigest()
                            for p in tqdm(frame["path"], desc=f"sha256 {root}", unit="img", disable=None)]
     return frame
 
 
-def read_image_bytes(path: str, reader: ShardReader) -> bytes:
-    """The bytes of one manifest image: a plain file, or a member of a webdataset shard."""
-    if split_member_path(path):
-        return reader.read(path)
-    return Path(path).read_bytes()
+class ImageReader:
+    """The bytes of one manifest image: a plain file, a tar member, or a CIFAR pickle row (served as PPM)."""
+
+    def __init__(self) -> None:
+        self.shards = ShardReader()
+        self.arrays = ArrayImageReader()
+
+    def read(self, path: str) -> bytes:
+        if split_member_path(path):
+            return self.shards.read(path)
+        if split_row_path(path):
+            return self.arrays.read(path)
+        return Path(path).read_bytes()
+
+
+def image_file(path: str) -> str:
+    """The file on disk that holds a manifest image (the image itself, its tar shard or its pickle)."""
+    return (split_member_path(path) or split_row_path(path) or (path,))[0]
 
 
 def verify_manifest(frame: pd.DataFrame, source: str | Path) -> None:
     """Refuse a manifest that does not match the files: names the first row whose file (or shard) is missing."""
     for row in frame.itertuples(index=False):
-        file = (split_member_path(row.path) or (row.path,))[0]
+        file = image_file(row.path)
         if not Path(file).is_file():
             raise DataContractError(f"manifest {source}: image {row.image_id!r} points to missing file {file}")
 
@@ -104,7 +94,9 @@ def load_verified_manifest(path: str | Path) -> pd.DataFrame:
 
 
 def _cli(args: argparse.Namespace) -> None:
-    frame = build_manifest(args.layout, args.root, args.split, args.unique_ids, checksums=args.checksums)
+    options = json.loads(args.options) if args.options else None
+    frame = build_manifest(args.layout, args.root, args.split, args.unique_ids, checksums=args.checksums,
+                           options=options)
     if args.expected_count is not None and len(frame) != args.expected_count:
         raise DataContractError(f"{args.root}: found {len(frame)} images, config expects {args.expected_count}")
     write_csv(args.out, frame)
@@ -112,10 +104,11 @@ def _cli(args: argparse.Namespace) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("manifest", help="list an image set: image_id, path, label, split")
-    parser.add_argument("--layout", required=True, choices=LAYOUTS)
-    parser.add_argument("--root", required=True, help="image folder")
-    parser.add_argument("--split", required=True, help="split name written into every row")
+    parser.add_argument("--layout", required=True, choices=sorted(LAYOUTS))
+    parser.add_argument("--root", required=True, help="image folder (dataset folder for split-file layouts)")
+    parser.add_argument("--split", help="split name written into every row (fixed-split layouts only)")
     parser.add_argument("--unique-ids", help="concept order for the things layout")
+    parser.add_argument("--options", help='layout options as JSON, e.g. \'{"split_number": 1}\'')
     parser.add_argument("--expected-count", type=int, help="fail unless exactly this many images are found (P-3)")
     parser.add_argument("--checksums", action="store_true", help="record each image's sha256 (checked at extraction)")
     parser.add_argument("--out", required=True)

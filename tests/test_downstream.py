@@ -390,7 +390,8 @@ def test_config_checks_name_the_key():
     from metalign.downstream.config import check_downstream
 
     split = {"dataset": "imagenet_train"}
-    config = {"datasets": {"imagenet_train": {}}, "downstream": {"fewshot": {
+    config = {"datasets": {"imagenet_train": {"layout": "class_folders", "root": "x", "split": "train"}},
+              "downstream": {"fewshot": {
         "shots": [1], "seeds": [0], "l2_reg": 1.0, "tasks": {"pets": {"train": split, "test": {"dataset": "pets"}}}}}}
     with pytest.raises(ConfigError, match=r"downstream\.fewshot\.tasks\.pets\.test\.dataset: unknown dataset 'pets'"):
         check_downstream(config)

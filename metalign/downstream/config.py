@@ -1,14 +1,15 @@
 """Cross-reference checks of the `downstream:` config block that a JSON schema cannot express.
 
-Run by rules/evaluate_downstream.smk before any job: every split must name a defined dataset, few-shot shot counts
-must be positive and distinct, and the BREEDS/shape-bias settings must be usable.
+Run by rules/evaluate_downstream.smk before any job: every split must name a defined dataset and one of its splits
+(required where the dataset's layout reads several from its split files), few-shot shot counts must be distinct, and the
+BREEDS/shape-bias settings must be usable.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from metalign.config import ConfigError
+from metalign.config import ConfigError, dataset_splits
 
 SECTIONS = {"fewshot": ("train", "test"), "breeds": ("train", "test"), "imagenet_a": ("train", "test", "shifted"),
             "shape_bias": ("train", "stimuli")}
@@ -35,6 +36,7 @@ def check_downstream(config: Mapping[str, Any]) -> None:
         if ref["dataset"] not in config["datasets"]:
             raise ConfigError(f"{key}.dataset: unknown dataset {ref['dataset']!r}; "
                               f"defined: {sorted(config['datasets'])}")
+        check_split(key, ref, config["datasets"][ref["dataset"]])
     fewshot = block.get("fewshot")
     if fewshot and len(set(fewshot["shots"])) != len(fewshot["shots"]):
         raise ConfigError(f"downstream.fewshot.shots: repeated shot count in {fewshot['shots']}")
@@ -49,6 +51,17 @@ def check_downstream(config: Mapping[str, Any]) -> None:
                 raise ConfigError(f"downstream.shape_bias.categories.{category}: class {member!r} is already listed "
                                   f"under {seen[member]!r}")
             seen[member] = category
+
+
+def check_split(key: str, ref: Mapping[str, Any], dataset: Mapping[str, Any]) -> None:
+    """The split must be one the manifest holds; a dataset whose layout reads split files has several, so a
+    reference to it must name one (all rows would put test images into the training pool)."""
+    splits = dataset_splits(dataset)
+    if "split" in ref and ref["split"] not in splits:
+        raise ConfigError(f"{key}.split: {ref['split']!r} is not a split of dataset {ref['dataset']!r} "
+                          f"(it has {', '.join(splits)})")
+    if "split" not in ref and len(splits) > 1:
+        raise ConfigError(f"{key}.split: required, dataset {ref['dataset']!r} holds splits {', '.join(splits)}")
 
 
 def check_probe_and_demo(config: Mapping[str, Any]) -> None:
