@@ -233,7 +233,7 @@ def test_cue_conflict_names_are_parsed_and_checked():
 
 
 SPEC = {"seed": 7, "train_per_class": 6, "val_per_class": 3, "shifted_per_class": 2, "conflicts_per_pair": 1,
-        "colon_train_per_class": 6, "colon_test_per_class": 4}
+        "colon_train_per_class": 6, "colon_test_per_class": 4, "dtd_per_split": 2}
 SETS = {"imagenet_train": "imagenet/train", "imagenet_val": "imagenet/val", "imagenet_a": "imagenet-a",
         "cue_conflict": "cue-conflict", "colon_train": "NCT-CRC-HE-100K", "colon_test": "CRC-VAL-HE-7K"}
 
@@ -285,11 +285,14 @@ PROBE = ["--l2-grid", "0.01", "1", "100", "--val-fraction", "0.25"]
 
 def test_labelled_demo_layouts(demo_sets):
     summary = json.loads((demo_sets / "labelled" / "labelled.json").read_text())
-    assert summary["counts"] == {"CRC-VAL-HE-7K": 36, "NCT-CRC-HE-100K": 54, "cue-conflict": 64, "imagenet-a": 32,
-                                 "imagenet/train": 192, "imagenet/val": 96}
+    assert summary["counts"] == {"CRC-VAL-HE-7K": 36, "NCT-CRC-HE-100K": 54, "cue-conflict": 64, "dtd": 24,
+                                 "imagenet-a": 32, "imagenet/train": 192, "imagenet/val": 96}
     val = pd.read_csv(demo_sets / "imagenet_val.csv")
     assert val["image_id"].str.fullmatch(r"n9\d{7}/ILSVRC2012_val_\d{8}\.JPEG").all()
     assert pd.read_csv(demo_sets / "colon_train.csv")["image_id"].str.fullmatch(r"([A-Z]+)/\1-[A-Z]{8}\.tif").all()
+    dtd = build_manifest("dtd", demo_sets / "labelled" / "dtd")  # the DTD split files: 2 per texture and split
+    assert dtd.groupby(["label", "split"]).size().eq(2).all() and len(dtd) == 24
+    assert list(dtd["split"].unique()) == ["train", "val", "test"]
     with pytest.raises(ValueError, match="marker"):
         labelled.generate_labelled(demo_sets, SPEC, 32)  # a folder the generator does not own
 

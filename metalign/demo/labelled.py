@@ -10,6 +10,8 @@ Every downstream evaluation (few-shot, BREEDS, ImageNet-A, cue-conflict shape bi
   (a category = a shape and the look of its first breed, so the training images confound the two cues);
 - `NCT-CRC-HE-100K/<CLASS>/<CLASS>-<ID>.tif` and `CRC-VAL-HE-7K/…`: a colon-histology-shaped few-shot task of 9
   full-frame tissue textures (train and test in separate trees, as in the real dataset);
+- `dtd/{images/<texture>/<texture>_<nnnn>.jpg, labels/{train,val,test}1.txt}`: a DTD-shaped texture set with its
+  split files (official split 1 of the real dataset), `dtd_per_split` images per class in each split, random hue;
 - `factors.csv`: the factors behind every image (the planted ground truth), `labelled.json`: a summary.
 The image size is the world's (`world.json`), so both backbones see every demo image set alike.
 """
@@ -39,7 +41,7 @@ MARKER = ".demo-labelled"
 BREEDS_PER_SHAPE = 4
 POINTED = 0.5  # shapes at least this pointy form the "pointed" group of the mini hierarchy
 SPEC_KEYS = ("seed", "train_per_class", "val_per_class", "shifted_per_class", "conflicts_per_pair",
-             "colon_train_per_class", "colon_test_per_class")
+             "colon_train_per_class", "colon_test_per_class", "dtd_per_split")
 # Colon-like tissue classes (NCT-CRC-HE-100K names): texture, hue, number and radius of dark "nuclei"
 TISSUES = {
     "ADI": ("plain", 0.95, 3, 0.14), "BACK": ("plain", 0.10, 0, 0.0), "DEB": ("dotted", 0.02, 6, 0.05),
@@ -59,6 +61,8 @@ class Stream(IntEnum):
     COLON_TRAIN = 5
     COLON_TEST = 6
     COLON_NAMES = 7
+    DTD = 8
+    DTD_SPLITS = 9
 
 
 def _rng(seed: int, stream: Stream, *index: int) -> np.random.Generator:
@@ -241,6 +245,33 @@ def _colon(out: Path, stream: Stream, n_per_class: int, prefix: str, spec: Mappi
     return _render_all(jobs, out.name, "TIFF")
 
 
+def _dtd(out: Path, spec: Mapping[str, int], size: int) -> list[dict[str, Any]]:
+    """DTD layout: `images/<texture>/<texture>_<nnnn>.jpg` and split files `labels/{train,val,test}1.txt` listing
+    `<texture>/<file>` sorted by name; each class's images are dealt to the three splits by a seeded shuffle."""
+    n, splits = spec["dtd_per_split"], ("train", "val", "test")
+    jobs, listed = [], {split: [] for split in splits}
+    for c, texture in enumerate(TEXTURES):
+        split_of = np.empty(3 * n, dtype=int)
+        split_of[_rng(spec["seed"], Stream.DTD_SPLITS, c).permutation(3 * n)] = np.arange(3 * n) // n
+        for i in range(3 * n):
+            image_id = f"{texture}/{texture}_{i + 1:04d}.jpg"
+            listed[splits[split_of[i]]].append(image_id)
+            rng = _rng(spec["seed"], Stream.DTD, c, i)
+            jobs.append((out / "images" / image_id, lambda rng=rng, t=texture: _texture(rng, t, size),
+                         {"set": out.name, "image_id": image_id, "label": texture, "texture": texture}))
+    rows = _render_all(jobs, out.name, "JPEG")
+    for split, ids in listed.items():
+        write_text(out / "labels" / f"{split}1.txt", "".join(f"{i}\n" for i in sorted(ids)))
+    return rows
+
+
+def _texture(rng: np.random.Generator, texture: str, size: int) -> Image.Image:
+    """A full-frame texture of random hue: only the pattern tells the class."""
+    plane = _object(rng, "square", rng.uniform(), texture, 1.6, 0.5, 0.5, rng.uniform(0, 2 * np.pi),
+                    period=rng.uniform(0.08, 0.12))
+    return render(rng, [plane], size, size, noise=rng.uniform(4, 10), gradient=0.1)
+
+
 def _hierarchy(out: Path, classes: list[DemoClass]) -> dict[str, str]:
     """BREEDS-Benchmarks files for entity → blunt/pointed → shape → breed pair → breed; returns node names."""
     names = {ROOT_WNID: "entity", "n80000000": "blunt shape", "n80000001": "pointed shape"}
@@ -261,7 +292,7 @@ def _hierarchy(out: Path, classes: list[DemoClass]) -> dict[str, str]:
     return names
 
 
-PARTS = ("imagenet", "imagenet-a", "cue-conflict", "NCT-CRC-HE-100K", "CRC-VAL-HE-7K", "breeds")
+PARTS = ("imagenet", "imagenet-a", "cue-conflict", "NCT-CRC-HE-100K", "CRC-VAL-HE-7K", "dtd", "breeds")
 
 
 def _claim(out_dir: Path) -> None:
@@ -292,6 +323,7 @@ def generate_labelled(out_dir: Path, spec: Mapping[str, Any], image_size: int) -
                    image_size)
     rows += _colon(out_dir / "CRC-VAL-HE-7K", Stream.COLON_TEST, spec["colon_test_per_class"], "TCGA-", spec,
                    image_size)
+    rows += _dtd(out_dir / "dtd", spec, image_size)
     _hierarchy(out_dir / "breeds", classes)
     write_csv(out_dir / "factors.csv", pd.DataFrame(rows))
     summary = {
