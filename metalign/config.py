@@ -38,6 +38,8 @@ def variant_params(config: Mapping[str, Any], variant: str) -> dict[str, Any]:
 
 def check_dataset(name: str, entry: Mapping[str, Any]) -> None:
     """A dataset's layout options, and its `split` key: given exactly when the layout does not read the splits."""
+    if entry["layout"] not in LAYOUTS:
+        raise ConfigError(f"datasets.{name}.layout: unknown layout {entry['layout']!r}; known: {sorted(LAYOUTS)}")
     layout = LAYOUTS[entry["layout"]]
     if layout.own_splits and "split" in entry:
         raise ConfigError(f"datasets.{name}.split: layout {layout.name!r} takes each image's split from the dataset's "

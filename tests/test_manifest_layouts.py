@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.io
 import yaml
@@ -104,6 +105,17 @@ def test_dtd_split_number_selects_the_files_and_rows_follow_them(tmp_path):
         build_manifest("dtd", tmp_path / "dtd")  # default split 1
     with pytest.raises(ValueError, match="split_number"):
         build_manifest("dtd", tmp_path / "dtd", options={"split_number": 11})
+
+
+def test_manifest_cli_passes_layout_options(tmp_path, capsys):
+    from metalign.cli import main
+
+    root, out = _dtd(tmp_path / "dtd", 3), tmp_path / "dtd.csv"
+    assert main(["manifest", "--layout", "dtd", "--root", str(root), "--options", '{"split_number": 3}',
+                 "--expected-count", "4", "--out", str(out)]) == 0
+    assert pd.read_csv(out)["split"].tolist() == ["train", "train", "val", "test"]
+    assert main(["manifest", "--layout", "dtd", "--root", str(root), "--split", "all", "--out", str(out)]) == 2
+    assert "takes the split" in capsys.readouterr().err
 
 
 def test_an_image_in_two_split_files_is_refused(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -92,11 +93,12 @@ def places365(root: Path, options: Mapping[str, Any]) -> list[Row]:
         source = devkit / file
         table = read_table(source, 2, f"Places365 split file {file}")
         location = ImageLocation(root / folder)
-        taken: dict[str, int] = {}
+        taken: Counter[str] = Counter()
         for rel, number in table:
-            if split == "train" and cap is not None and taken.get(number, 0) >= cap:
-                continue
-            taken[number] = taken.get(number, 0) + 1
+            if split == "train" and cap is not None:
+                if taken[number] == cap:
+                    continue
+                taken[number] += 1
             image_id = f"{split}/{rel.lstrip('/')}"
             label = _lookup(categories, number, devkit / "categories_places365.txt", "category")
             rows.append(Row(image_id, location.path(rel, source, image_id), label, split))
