@@ -42,7 +42,8 @@ def _columns(frame) -> list[tuple[str, str, str]]:
 
 
 def _cub(root: Path) -> Path:
-    images = ["002.Laysan_Albatross/L_1.jpg", "001.Black_footed_Albatross/B_1.jpg", "001.Black_footed_Albatross/B_2.jpg"]
+    images = ["002.Laysan_Albatross/L_1.jpg", "001.Black_footed_Albatross/B_1.jpg",
+              "001.Black_footed_Albatross/B_2.jpg"]
     for rel in images:
         _image(root / "images" / rel)
     _lines(root / "images.txt", [f"{i} {rel}" for i, rel in enumerate(images, start=1)])
