@@ -1,14 +1,15 @@
 """Episode sampling at training scale: a batch of 4,096 episodes × 120 tokens over 118,287 images with 768-d inputs.
 
-Codes: synthetic top-64 of 49,152 latents (benchmarks/bench_codes.py), ≈7k functions kept by min_nonzero = 120.
+Codes: synthetic top-64 of 49,152 latents (benchmarks/bench_codes.py); min_nonzero = 120 keeps ≈49k functions of
+120–204 positives each.
 
-ours      `EpisodeSampler.sample` (vectorised: positives from per-function lists, negatives by rejection, O(sl) per
-          episode; the training loop's sampler threads) plus one gather of the 768-d inputs of all 4,096 × 120
-          tokens.
+ours      `EpisodeSampler.sample` (vectorised, O(sl) per episode: positives as a random-key subset of each function's
+          list, negatives by rejection through a hashed bitmap; the training loop's sampler threads) plus one gather
+          of the 768-d inputs of all 4,096 × 120 tokens, which is most of its time.
 baseline  upstream's per-episode draw (P-43): the episode's column of a dense row-major (N, F) code matrix,
           torch.where for its positives and its negatives, a random permutation of each, the first n_pos / n_neg,
           a shuffle, and the gather of that episode's 120 inputs. The dense matrix is built for `DENSE_FUNCTIONS`
-          functions only (all 7k would take 3.4 GB) and `BASELINE_EPISODES` episodes are timed and extrapolated to
+          functions only (all 49k would take 23 GB) and `BASELINE_EPISODES` episodes are timed and extrapolated to
           4,096 (each episode costs the same).
 Both gather into one reused (4,096, 120, 768) buffer, as the training step's device memory is reused (a fresh 1.5 GB
 host allocation costs ≈0.3 s of page faults that no GPU step pays).

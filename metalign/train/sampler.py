@@ -1,10 +1,12 @@
 """Episodes (protocols §4): one kept function j, sl images, n_pos ~ round(N(sl/2, sl/20)) of them positives of j.
 
 Per-function positive lists are built once in CSR form (memory O(nnz), never a dense N x F matrix, P-41). An episode
-costs O(sl): positives are drawn from j's list, negatives uniformly from all rows with rejection of j's positives, and
-duplicates are redrawn (P-43); a batch is drawn in vectorised rounds over all of its still-open slots. Every draw
-comes from a generator seeded by (seed, stream, rank, step, block), so episodes are reproducible, independent of call
-order (resume) and of the number of sampler threads, and differ across ranks (P-15).
+costs O(sl): the positives of a function with at most KEYED_NNZ·sl of them are its n_pos smallest under one random key
+each (a uniform subset, no redraws); other positives are drawn from j's list and negatives uniformly from all rows with
+rejection of j's positives, and duplicates are redrawn (P-43), in vectorised rounds over all still-open slots of a
+batch. Rejection looks a row up in a hashed bitmap of all (function, row) pairs (4–8 bytes per nnz) and bisects j's
+list only on a hit. Every draw comes from a generator seeded by (seed, stream, rank, step, block), so episodes are
+reproducible, independent of call order (resume) and of the number of sampler threads, and differ across ranks (P-15).
 
 Dense targets (neurons, protocols §3) add an (N, F) magnitude matrix: negatives then carry magnitudes too
 (x − median ≤ 0), membership is read from it in O(1), and the magnitude of a dense function is fitted on every token
@@ -24,6 +26,9 @@ from metalign.io import DataContractError
 
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 CHUNK = 512  # episodes per independently seeded block of a training batch
+KEYED_NNZ = 4  # functions with at most KEYED_NNZ·sl positives draw them by random keys, the others by rejection
+_BITMAP_BITS_PER_PAIR = 32  # false-hit rate of the rejection bitmap ≈ 1/32: few lookups reach the bisection
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing multiplier
 
 
 class Batch(NamedTuple):
@@ -81,11 +86,11 @@ class EpisodeSampler:
                                     f"labels of the same shape and one mse flag per function")
         if dense is None and self.mse_all.any():
             raise DataContractError(f"{source}: functions fitted on every token need dense targets")
-        # Sorted (function, row) keys: membership of a row in j's positive list is one searchsorted (sparse targets).
         keys = np.repeat(np.arange(self.n_functions, dtype=np.int64), self.nnz) * self.n_rows + self.rows
         if len(keys) > 1 and not (np.diff(keys) > 0).all():
             raise DataContractError(f"{source}: positive rows must be unique and ascending within each function")
-        self._keys = keys if dense is None else None
+        self._depth = int(self.nnz.max()).bit_length()  # bisection steps that find any row in any positive list
+        self._bitmap, self._hash_shift = (None, None) if dense is not None else _bitmap(keys)
 
     @classmethod
     def from_codes(cls, codes: Codes, sl: int, seed: int, rank: int = 0, source: str = "codes") -> "EpisodeSampler":
@@ -147,67 +152,123 @@ class EpisodeSampler:
         batch, sl = len(functions), self.sl
         n_pos = np.rint(rng.normal(sl / 2, sl / 20, size=batch)).astype(np.int64)
         n_pos = n_pos.clip(sl - self.max_draw, self.max_draw)
-        positive = np.arange(sl)[None, :] < n_pos[:, None]
-        rows = np.zeros((batch, sl), dtype=np.int64)
-        source = np.zeros((batch, sl), dtype=np.int64)  # CSR position of each positive (for its magnitude)
-        flat_rows, flat_source, flat_positive = rows.reshape(-1), source.reshape(-1), positive.reshape(-1)
-        todo = np.arange(batch * sl)  # flat slots still to fill, ascending
+        positive = (np.arange(sl)[None, :] < n_pos[:, None]).reshape(-1)  # positives first; the shuffle mixes them
+        rows = np.zeros(batch * sl, dtype=np.int64)
+        mags = np.zeros(batch * sl, dtype=np.float32)  # unshuffled; stays 0 for negatives of sparse functions
+        keyed = np.flatnonzero(self.nnz[functions] <= KEYED_NNZ * sl)
+        done = np.zeros((batch, sl), dtype=bool)
+        done[keyed, :self.max_draw] = positive.reshape(batch, sl)[keyed, :self.max_draw]
+        filled = np.flatnonzero(done)
+        picked = self._keyed_positions(rng, functions[keyed])[done[keyed, :self.max_draw]]
+        rows[filled], mags[filled] = self.rows[picked], self.mags[picked]
+        todo = np.flatnonzero(~done)  # flat slots still to fill, ascending: negatives and unkeyed positives
         while todo.size:
-            pos = flat_positive[todo]
+            pos = positive[todo]
             filled, open_ = todo[pos], todo[~pos]
             j = functions[filled // sl]
             picked = self.offsets[j] + rng.integers(0, self.nnz[j])
-            flat_source[filled] = picked
-            flat_rows[filled] = self.rows[picked]
+            rows[filled], mags[filled] = self.rows[picked], self.mags[picked]
             negative = rng.integers(0, self.n_rows, size=open_.size)
-            flat_rows[open_] = negative
+            rows[open_] = negative
             pending = np.zeros(batch * sl, dtype=bool)
             pending[open_[self._is_positive(functions[open_ // sl], negative)]] = True
             touched = np.zeros(batch, dtype=bool)
             touched[todo // sl] = True
             touched = np.flatnonzero(touched)
             pending = pending.reshape(batch, sl)
-            pending[touched] |= self._repeats(rows[touched], pending[touched])
+            pending[touched] |= self._repeats(rows.reshape(batch, sl)[touched], pending[touched])
             todo = np.flatnonzero(pending)
-        _, order = _sort_with_order(rng.integers(0, 1 << 31, size=(batch, sl)))  # a uniform shuffle of each episode
-        positive = np.take_along_axis(positive, order, axis=1)
-        rows = np.take_along_axis(rows, order, axis=1)
+        shuffle = _random_order(rng, batch, sl) + np.arange(0, batch * sl, sl)[:, None]
+        rows, positive = rows[shuffle], positive[shuffle]
         labels = positive.astype(np.float32)
         if self.dense is not None:
             mags = self.dense[rows, functions[:, None]]
             mse_mask = np.where(self.mse_all[functions][:, None], np.float32(1), labels)
             return rows, labels, mags, mse_mask
-        mags = np.where(positive, self.mags[np.take_along_axis(source, order, axis=1)], 0.0).astype(np.float32)
-        return rows, labels, mags, labels.copy()
+        return rows, labels, mags[shuffle], labels.copy()
+
+    def _keyed_positions(self, rng: np.random.Generator, functions: np.ndarray) -> np.ndarray:
+        """(B, max_draw) CSR positions: each episode's positives in the order of one random key each, so the first
+        n_pos form a uniform n_pos-subset without redraws (nnz ≤ KEYED_NNZ·sl keeps this O(sl) per episode)."""
+        counts = self.nnz[functions]
+        order = _random_order(rng, len(functions), int(counts.max(initial=self.max_draw)), counts, self.max_draw)
+        return self.offsets[functions][:, None] + order
 
     def _is_positive(self, functions: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Whether each row is a positive of the paired function (sorted queries keep the binary search local)."""
+        """Whether each row is a positive of the paired function: the bitmap rules out most pairs in O(1), a
+        bisection of j's positive list decides the rest."""
         if self.dense_labels is not None:
             return self.dense_labels[rows, functions]
-        keys = functions * self.n_rows + rows
-        ordered, order = _sort_with_order(keys)
-        found = np.empty(len(keys), dtype=np.int64)
-        found[order] = np.searchsorted(self._keys, ordered)
-        return self._keys[found.clip(max=len(self._keys) - 1)] == keys
+        hashed = ((functions * self.n_rows + rows).astype(np.uint64) * _GOLDEN) >> self._hash_shift
+        hit = np.flatnonzero((self._bitmap[hashed >> np.uint64(6)] >> (hashed & np.uint64(63))) & np.uint64(1))
+        found = np.zeros(len(rows), dtype=bool)
+        found[hit] = self._in_list(functions[hit], rows[hit])
+        return found
 
-    @staticmethod
-    def _repeats(rows: np.ndarray, rejected: np.ndarray) -> np.ndarray:
+    def _in_list(self, functions: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact membership of each row in its function's ascending positive list, by a vectorised bisection."""
+        lo, hi = self.offsets[functions], self.offsets[functions + 1]
+        for _ in range(self._depth):
+            mid = (lo + hi) >> 1
+            below = self.rows[mid.clip(max=len(self.rows) - 1)] < rows
+            lo, hi = np.where(below & (lo < hi), mid + 1, lo), np.where(below, hi, mid)
+        return (lo < self.offsets[functions + 1]) & (self.rows[lo.clip(max=len(self.rows) - 1)] == rows)
+
+    def _repeats(self, rows: np.ndarray, rejected: np.ndarray) -> np.ndarray:
         """Slots whose row already occurs in an earlier slot of the same episode (rejected slots are ignored)."""
-        slots = np.arange(rows.shape[1])
-        keys = np.where(rejected, slots, rows + len(slots))  # rejected slots get unique keys below every row
-        ordered, order = _sort_with_order(keys)
-        repeat = np.zeros(rows.shape, dtype=bool)
-        np.put_along_axis(repeat, order[:, 1:], ordered[:, 1:] == ordered[:, :-1], axis=1)
-        return repeat
+        n = rows.shape[1]
+        keys = np.where(rejected, np.arange(n), rows + n)  # rejected slots get unique keys below every row
+        ordered, order = _sort_with_order(keys, self.n_rows + n)
+        repeat = np.zeros(rows.size, dtype=bool)
+        repeat[order[:, 1:] + np.arange(0, rows.size, n)[:, None]] = ordered[:, 1:] == ordered[:, :-1]
+        return repeat.reshape(rows.shape)
 
 
-def _sort_with_order(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted keys, argsort) of non-negative int64 keys along the last axis, ties in position order.
+def _bitmap(keys: np.ndarray) -> tuple[np.ndarray, np.uint64]:
+    """A one-hash Bloom filter of the (function, row) keys: uint64 words of 32–64 bits per key, and the shift that
+    maps a key's Fibonacci hash to a bit."""
+    bits = max(len(keys) * _BITMAP_BITS_PER_PAIR - 1, 63).bit_length()
+    shift = np.uint64(64 - bits)
+    hashed = (keys.astype(np.uint64) * _GOLDEN) >> shift
+    bitmap = np.zeros(1 << (bits - 6), dtype=np.uint64)
+    np.bitwise_or.at(bitmap, hashed >> np.uint64(6), np.uint64(1) << (hashed & np.uint64(63)))
+    return bitmap, shift
 
-    One value sort of key·n + position: np.sort is several times faster than np.argsort on these sizes.
-    """
+
+def _packing(n: int, bound: int) -> tuple[type, int]:
+    """The narrowest unsigned dtype holding key·2^shift + position for keys < bound and positions < n (32-bit sorts
+    are several times faster than 64-bit ones), and that shift."""
+    shift = max(n - 1, 1).bit_length()
+    if bound <= 1 << (32 - shift):
+        return np.uint32, shift
+    if bound <= 1 << (64 - shift):
+        return np.uint64, shift
+    raise OverflowError("sampler keys too large to sort with their positions")
+
+
+def _sort_with_order(keys: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted keys, argsort) of non-negative integer keys < bound along the last axis, ties in position order: one
+    value sort of the keys packed with their positions (np.sort is several times faster than np.argsort)."""
     n = keys.shape[-1]
-    if keys.size and keys.max() >= np.iinfo(np.int64).max // max(n, 1):
-        raise OverflowError("sampler keys too large to sort with their positions")
-    packed = np.sort(keys * n + np.arange(n), axis=-1)
-    return packed // n, packed % n
+    dtype, shift = _packing(n, bound)
+    packed = np.sort((keys.astype(dtype) << dtype(shift)) | np.arange(n, dtype=dtype), axis=-1)
+    return packed >> dtype(shift), (packed & dtype((1 << shift) - 1)).astype(np.intp)
+
+
+def _random_order(rng: np.random.Generator, batch: int, width: int, counts: np.ndarray | None = None,
+                  first: int | None = None) -> np.ndarray:
+    """The leading `first` columns of a uniform random permutation of each row's `width` positions (batch rows);
+    positions ≥ counts (if given) come last.
+
+    Random 32-bit words carry the positions in their low bits and one (fast, 32-bit) sort orders them. Two positions
+    share a key with probability ≈ width²/2^(33 − log2 width) per row (2e-4 for width 120); such a tie only keeps
+    their original relative order.
+    """
+    shift = max(width - 1, 1).bit_length()
+    if shift > 16:
+        raise ValueError(f"random orders of {width} positions would leave too few key bits")
+    low = np.uint32((1 << shift) - 1)
+    packed = (rng.integers(0, 1 << 32, size=(batch, width), dtype=np.uint32) & ~low) | np.arange(width, dtype=np.uint32)
+    if counts is not None:  # the largest key: after every real position
+        np.bitwise_or(packed, ~low, out=packed, where=np.arange(width)[None, :] >= counts[:, None])
+    return (np.sort(packed, axis=-1)[:, :first] & low).astype(np.intp)
