@@ -25,7 +25,7 @@ demo: $(STAMP)
 		$(SNAKE) --cores 1 --configfile config/demo.yaml --report $(DEMO_ROOT)/report.html; \
 	fi
 
-# Every variant of the ablation grid on the demo world (longer: ~20 trainings).
+# Every variant of the study's grid on the demo world: 20 more variants x 2 backbones, short runs, every benchmark.
 demo-full: $(STAMP)
 	$(SNAKE) --cores $(CORES) --show-failed-logs all --configfile config/demo.yaml config/demo-full.yaml
 	$(SNAKE) --cores 1 --configfile config/demo.yaml config/demo-full.yaml --report $(DEMO_ROOT)/report.html

@@ -1,5 +1,5 @@
 """The demo DAG end to end in a temp dir: outputs, nothing-to-do on rerun, stale-only reruns, report, SLURM dry run,
-and the evaluator's recovery checks on the demo world."""
+the evaluator's recovery checks on the demo world, and last the demo-full overlay on top of the built demo."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from scipy import stats
 
@@ -19,10 +23,18 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
+DEMO, DEMO_FULL = REPO / "config" / "demo.yaml", REPO / "config" / "demo-full.yaml"
+# Jobs that build the demo world, its features and its function sets: shared by every variant, never redone for one.
+UPSTREAM = {"demo_world", "demo_vit", "demo_behaviour", "demo_fmri", "demo_labelled", "manifest", "extract",
+            "sae_train", "sae_encode", "noise_ceiling_things", "noise_ceiling_levels", "brain_prepare_things",
+            "brain_prepare_bold5000", "downstream_breeds_splits"}
 
-def snakemake(workdir, *args, config=None, cwd=REPO, check=True) -> subprocess.CompletedProcess:
+
+def snakemake(workdir, *args, config: Path | Sequence[Path] = DEMO, cwd=REPO,
+              check=True) -> subprocess.CompletedProcess:
+    configs = [config] if isinstance(config, Path) else list(config)
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args,
-           "--configfile", str(config or REPO / "config" / "demo.yaml")]
+           "--configfile", *map(str, configs)]
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=1800)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
@@ -51,7 +63,7 @@ def test_demo_outputs(demo):
     workdir, seconds = demo
     root = workdir / "results" / "demo"
     table = pd.read_csv(root / "alignment" / "things_ooo.csv")
-    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config = yaml.safe_load(DEMO.read_text())
     from metalign.config import variant_params
     from metalign.train.config import has_representation
 
@@ -74,16 +86,13 @@ def test_second_run_has_nothing_to_do(demo):
 
 def test_changed_training_steps_rerun_only_descendants(demo, tmp_path):
     workdir, _ = demo
-    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config = yaml.safe_load(DEMO.read_text())
     config["train"]["steps"] += 10
     path = tmp_path / "changed.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     jobs = planned_jobs(snakemake(workdir, "-n", "--quiet", "rules", "all", config=path))
     n_backbones = len(config["backbones"])
-    upstream = {"demo_world", "demo_vit", "demo_behaviour", "demo_fmri", "demo_labelled", "manifest", "extract",
-                "sae_train", "sae_encode", "noise_ceiling_things", "noise_ceiling_levels", "brain_prepare_things",
-                "brain_prepare_bold5000", "downstream_breeds_splits"}
-    assert not upstream & set(jobs), jobs
+    assert not UPSTREAM & set(jobs), jobs
     from metalign.config import variant_params
     from metalign.train.config import has_representation
 
@@ -105,7 +114,7 @@ def test_report_has_figures_and_rulegraph(demo):
 
 def test_slurm_profile_dry_run_maps_gpus(demo):
     workdir, _ = demo
-    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config = yaml.safe_load(DEMO.read_text())
     config["train"]["steps"] += 1
     path = workdir / "slurm_check.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -147,3 +156,81 @@ def test_random_embedding_scores_chance(demo):
     _, summary = evaluate(random, triplets)
     low, high = _binomial_ci(1 / 3, len(triplets))
     assert low <= summary["zero_shot_acc"] <= high
+
+
+def _checkpoint(root: Path, backbone: str, variant: str) -> dict:
+    return torch.load(root / "checkpoints" / backbone / f"{variant}.pt", map_location="cpu", weights_only=True)
+
+
+def test_demo_full_overlay_on_the_built_demo(demo, tmp_path):
+    """The demo-full overlay on top of the built demo (last in this module: it adds rows to the demo's tables). Only
+    the overlay's function sets, trainings and their dependents are planned; every variant of the study's grid ends up
+    with a checkpoint of its own architecture, an encode()d THINGS representation at its hidden size, and THINGS and
+    Levels odd-one-out rows next to `base`; the report builds. The targets are the report and the odd-one-out tables
+    (`make demo-full` also runs every other benchmark on each variant: too long for CI)."""
+    from metalign.config import variant_params
+    from metalign.functions.sets import resolve_function_sets
+    from metalign.functions.subsets import n_kept
+    from metalign.train.config import has_representation
+
+    workdir, _ = demo
+    base, overlay = yaml.safe_load(DEMO.read_text()), yaml.safe_load(DEMO_FULL.read_text())
+    clash = {key: set(overlay[key]) & set(base[key]) for key in overlay}
+    assert not any(clash.values()), f"the overlay redefines demo entries: {clash}"
+    config = {**base, **{key: {**base[key], **overlay[key]} for key in overlay}}
+    study = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    assert set(study["variants"]) <= set(config["variants"]), "a variant of the study's grid is not in the demo"
+    configs, backbones, variants = (DEMO, DEMO_FULL), list(base["backbones"]), list(overlay["variants"])
+    encoded = [v for v in variants if has_representation(variant_params(config, v))]
+    sets = resolve_function_sets(config["function_sets"])
+    tables = ["things_ooo", "levels_ooo"]
+    targets = ["report_all", *(f"{base['results']}/alignment/{table}.csv" for table in tables)]
+
+    jobs = planned_jobs(snakemake(workdir, "-n", *targets, "--quiet", "rules", config=configs))
+    assert not (UPSTREAM - {"sae_train", "sae_encode"}) & set(jobs), jobs
+    assert jobs.get("sae_train", 0) == sum(sets[name].method == "train" for name in overlay["function_sets"])
+    made = sum(jobs.get(rule, 0) for rule in ("sae_encode", "functions_subset", "functions_neurons"))
+    assert made == sum(len(sets[name].splits) for name in overlay["function_sets"])
+    assert jobs["train"] == len(variants) * len(backbones)  # the demo's own variants are not retrained
+    datasets = {base["benchmarks"][table]["dataset"] for table in tables}
+    assert jobs["encode"] == len(encoded) * len(backbones) * len(datasets)
+    for table in tables:  # nor re-scored, nor is base
+        assert jobs[table] == len(encoded) * len(backbones), table
+
+    started = time.perf_counter()
+    snakemake(workdir, "--cores", "2", *targets, config=configs)
+    print(f"demo-full overlay wall time: {time.perf_counter() - started:.0f} s")
+
+    root = workdir / base["results"]
+    scores = {table: pd.read_csv(root / "alignment" / f"{table}.csv") for table in tables}
+    for backbone in backbones:
+        with h5py.File(root / "embeddings" / "things" / f"{backbone}.h5", "r") as handle:
+            ids, d_in = handle["ids"][:], handle["features"].shape[1]
+        kept = {}
+        for variant in variants:
+            params = variant_params(config, variant)
+            ckpt = _checkpoint(root, backbone, variant)
+            assert {key: ckpt["train_config"][key] for key in params} == params, variant
+            assert ckpt["last_step"] == params["steps"], variant  # early stopping starts at min_step
+            model = ckpt["model_config"]
+            assert model["hidden"] == (params["hidden"] or d_in), variant
+            assert [model[key] for key in ("n_layers", "n_heads", "use_mlp")] == \
+                [params[key] for key in ("n_layers", "n_heads", "use_mlp")], variant
+            kept[variant] = set(ckpt["kept_latent_ids"].tolist())
+            if variant in encoded:
+                with h5py.File(root / "representations" / "things" / backbone / f"{variant}.h5", "r") as handle:
+                    assert handle["features"].shape == (len(ids), model["hidden"])
+                    assert np.isfinite(handle["features"][:]).all() and np.array_equal(handle["ids"][:], ids)
+        main = set(_checkpoint(root, backbone, "main")["kept_latent_ids"].tolist())
+        for variant in variants:  # subsets train on their share of main's functions
+            entry = config["function_sets"][config["variants"][variant]["function_set"]]
+            if entry["method"] == "subset":
+                assert kept[variant] <= main and len(kept[variant]) == n_kept(len(main), entry["fraction"]), variant
+        for table, frame in scores.items():
+            rows = frame[frame["backbone"] == backbone]
+            assert set(rows["variant"]) >= {"base", *encoded}, table
+
+    report = tmp_path / "report.html"
+    snakemake(workdir, "--report", str(report), "report_all", config=configs)
+    html = report.read_text(errors="ignore")
+    assert "learning_curves.png" in html and "things_ooo.png" in html
