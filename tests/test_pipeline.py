@@ -90,7 +90,7 @@ def test_changed_training_steps_rerun_only_descendants(demo, tmp_path):
     config["train"]["steps"] += 10
     path = tmp_path / "changed.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    jobs = planned_jobs(snakemake(workdir, "-n", "--quiet", "rules", "all", config=path))
+    jobs = planned_jobs(snakemake(workdir, "-n", "all", "--quiet", "rules", config=path))
     n_backbones = len(config["backbones"])
     assert not UPSTREAM & set(jobs), jobs
     from metalign.config import variant_params

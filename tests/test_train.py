@@ -79,20 +79,26 @@ def test_sampler_statistics_labels_and_uniqueness(data):
     assert np.array_equal(batch.functions, np.repeat(np.arange(8), 50))
 
 
-def test_sampler_draws_uniformly_without_replacement():
-    """A function with only 30 positives (n_pos ~ 10 of them): every positive equally often, despite redraws."""
-    n, sl = 200, 20
-    offsets, rows = np.array([0, 30]), np.arange(0, 60, 2)
-    sampler = EpisodeSampler(offsets, rows, np.ones(30), n, np.array([5]), sl=sl, seed=0)
+@pytest.mark.parametrize("n_positives", [30, 150])  # keyed subsets (≤ KEYED_NNZ·sl) and draws with rejection
+def test_sampler_draws_uniformly_without_replacement(n_positives):
+    """Every positive, and every other row as a negative, equally often (chi-square), despite redraws."""
+    from scipy.stats import chisquare
+
+    from metalign.train.sampler import KEYED_NNZ
+
+    n, sl = 400, 20
+    assert (n_positives > KEYED_NNZ * sl) == (n_positives == 150)
+    offsets, rows = np.array([0, n_positives]), np.arange(0, 2 * n_positives, 2)
+    sampler = EpisodeSampler(offsets, rows, np.ones(n_positives), n, np.array([5]), sl=sl, seed=0)
     batch = sampler.evaluation_set(n_per_function=3000, seed=1)
-    picked = batch.rows[batch.labels == 1]
-    counts = np.bincount(picked, minlength=n)[rows]
-    assert np.abs(counts / counts.mean() - 1).max() < 0.1
+    assert all(len(set(r)) == sl for r in batch.rows)
+    positives = np.bincount(batch.rows[batch.labels == 1], minlength=n)
     negatives = np.bincount(batch.rows[batch.labels == 0], minlength=n)
     assert negatives[rows].sum() == 0
-    others = np.setdiff1d(np.arange(n), rows)
-    assert np.abs(negatives[others] / negatives[others].mean() - 1).max() < 0.25
-    assert all(len(set(r)) == sl for r in batch.rows)
+    assert chisquare(positives[rows]).pvalue > 1e-3
+    assert chisquare(np.delete(negatives, rows)).pvalue > 1e-3
+    # the test has power: a sampler that favoured low rows by up to 25 % would fail it
+    assert chisquare(positives[rows] * np.linspace(1.25, 0.75, n_positives)).pvalue < 1e-3
 
 
 def test_sampler_determinism_and_ranks(data):
