@@ -45,6 +45,7 @@ from metalign.io import write_json
 log = logging.getLogger(__name__)
 
 KINDS = ("url", "hub", "figshare_article")
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
 
@@ -113,10 +114,16 @@ def check_layout(tree: Path, expect: Sequence[str], what: str) -> None:
     """Every `expect` glob (relative to the tree) matches a path: a release whose archive layout differs from what the
     readers assume fails here, naming the pattern, instead of as a confusing error stages later."""
     for pattern in expect:
-        if next(iter(tree.glob(pattern)), None) is None:
+        found = next(iter(tree.glob(pattern)), None)
+        if found is None:
             top = sorted(p.name for p in tree.iterdir())[:20] if tree.is_dir() else []
             raise DownloadError(f"{what}: nothing matches expected path {pattern!r} in the downloaded tree "
                                 f"(the release's layout differs from the config's `expect`); top level: {top}")
+        if found.is_file():
+            with open(found, "rb") as handle:
+                if handle.read(len(_LFS_POINTER)) == _LFS_POINTER:
+                    raise DownloadError(f"{what}: {found.relative_to(tree)} is a Git LFS pointer, not the file "
+                                        f"(the archive was made without LFS objects); use a source that serves the data")
 
 
 def _replace_dir(src: Path, dest: Path, expect: Sequence[str] = (), what: str = "") -> None:

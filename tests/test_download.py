@@ -309,6 +309,12 @@ def test_unexpected_layout_is_refused_and_the_older_tree_kept(server, tmp_path):
         _job(tmp_path, {**spec, "url": f"{server.url}/v2/cub.tgz", "expect": ["images.txt"]})
     assert (dest / "images.txt").is_file()
     assert not (tmp_path / "res/downloads/item.json").exists()
+    # A repository archive made without its LFS objects holds pointer files where the images should be.
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 1234\n"
+    server.files["/lfs.tgz"] = _tar({"CUB_200_2011/images/001.Albatross/a.jpg": pointer,
+                                     "CUB_200_2011/images.txt": b"1 001.Albatross/a.jpg\n"}, "w:gz")
+    with pytest.raises(DownloadError, match="Git LFS pointer"):
+        _job(tmp_path, {**spec, "url": f"{server.url}/lfs.tgz"})
 
 
 def test_nested_archive_and_unsafe_tar(server, tmp_path):
