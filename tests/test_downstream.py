@@ -401,6 +401,10 @@ def test_config_checks_name_the_key():
     config["downstream"] = {"imagenet_a": {"train": split, "test": split, "shifted": split}}
     with pytest.raises(ConfigError, match="downstream.probe: required by downstream.imagenet_a"):
         check_downstream(config)
+    config["downstream"] = {"probe": {}, "shape_bias": {"train": split, "stimuli": split,
+                                                        "categories": {"cat": ["n1", "n2"], "dog": ["n2"]}}}
+    with pytest.raises(ConfigError, match=r"downstream\.shape_bias\.categories: .*'n2' is listed under both 'cat' and 'dog'"):
+        check_downstream(config)
     config["downstream"], config["demo"] = {}, {"labelled": {**SPEC, "train_per_class": 0}}
     with pytest.raises(ConfigError, match="demo.labelled: .*'train_per_class' must be an integer ≥ 1"):
         check_downstream(config)

@@ -43,14 +43,13 @@ def check_downstream(config: Mapping[str, Any]) -> None:
     for name, spec in block.get("breeds", {}).get("tasks", {}).items():
         if spec["n_subclasses"] % 2:
             raise ConfigError(f"downstream.breeds.tasks.{name}.n_subclasses: must be even (source and target halves)")
-    categories = block.get("shape_bias", {}).get("categories", {})
-    seen: dict[str, str] = {}
-    for category, members in categories.items():
-        for member in members:
-            if member in seen:
-                raise ConfigError(f"downstream.shape_bias.categories.{category}: class {member!r} is already listed "
-                                  f"under {seen[member]!r}")
-            seen[member] = category
+    from metalign.downstream.shape_bias import category_of
+    from metalign.io import DataContractError
+
+    try:
+        category_of(block.get("shape_bias", {}).get("categories", {}))
+    except DataContractError as err:
+        raise ConfigError(f"downstream.shape_bias.categories: {err}") from None
 
 
 def check_split(key: str, ref: Mapping[str, Any], dataset: Mapping[str, Any]) -> None:
