@@ -31,6 +31,7 @@ from metalign.brain.bold5000 import BETAS, IMAGE_NAMES, LISTS, REPEAT_PREFIX, RO
 from metalign.brain.hdf import write_frame
 from metalign.brain.stats import noise_ceiling
 from metalign.brain.things import RESPONSE_KEY
+from metalign.demo.streams import stream_rng as _rng
 from metalign.io import atomic_path, library_versions, write_json, write_text
 
 # Real THINGS-fMRI ROI columns, in the release's order (single columns, then left/right pairs).
@@ -57,10 +58,6 @@ class Stream(IntEnum):
     VOXELS = 1
     RESPONSES = 2
     COCO = 3
-
-
-def _rng(seed: int, stream: Stream, *index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, int(stream), *index])
 
 
 def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:

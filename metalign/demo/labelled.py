@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from metalign.demo.factors import COLOURS, SHAPE_ATTRIBUTES, SHAPES, TEXTURES
 from metalign.demo.render import Placement, render
+from metalign.demo.streams import stream_rng as _rng
 from metalign.downstream.breeds import ROOT_WNID
 from metalign.io import atomic_path, library_versions, write_csv, write_json, write_text
 
@@ -63,10 +64,6 @@ class Stream(IntEnum):
     COLON_NAMES = 7
     DTD = 8
     DTD_SPLITS = 9
-
-
-def _rng(seed: int, stream: Stream, *index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, int(stream), *index])
 
 
 @dataclass(frozen=True)

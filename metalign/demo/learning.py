@@ -28,6 +28,7 @@ from threadpoolctl import threadpool_limits
 
 from metalign.demo.behaviour import log_choice_probabilities, odd_one_out_logits
 from metalign.demo.factors import planted_embedding, sample_concepts
+from metalign.demo.streams import stream_rng as _rng
 from metalign.evaluate.learning import LOG_VALUE_FLOOR, online_bayesian_ridge, online_logistic, span_coordinates
 from metalign.evaluate.levels import NONE_TYPE, TRIPLET_TYPES, stem
 from metalign.io import atomic_path, write_csv, write_json
@@ -78,10 +79,6 @@ def synthetic_images(n_concepts: int, images_per_concept: int, seed: int) -> Dem
     ids = [f"{c.unique_id}/{c.unique_id}_{n + 1:02d}a.jpg" for c in concepts for n in range(images_per_concept)]
     return DemoImages(ids, np.repeat(np.arange(n_concepts), images_per_concept),
                       np.asarray([c.shape for c in concepts]), planted_embedding(concepts))
-
-
-def _rng(seed: int, stream: Stream, *index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, int(stream), *index])
 
 
 def _choose(rng: np.random.Generator, log_p: np.ndarray) -> np.ndarray:

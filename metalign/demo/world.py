@@ -25,6 +25,7 @@ from metalign.demo.behaviour import max_unique_triplets, n_repeats, simulate_par
 from metalign.demo.factors import SHAPES, TEXTURES, Concept, dimension_labels, n_combinations, planted_embedding, \
     sample_concepts
 from metalign.demo.render import Placement, render
+from metalign.demo.streams import stream_rng as _rng
 from metalign.io import atomic_path, file_sha256, library_versions, write_json, write_text
 
 MARKER = ".demo-world"  # marks a folder this generator owns, so a rerun may clear it
@@ -40,10 +41,6 @@ class Stream(IntEnum):
     TRIPLETS = 2
     COCO_IDS = 3
     COCO_IMAGES = 4
-
-
-def _rng(seed: int, stream: Stream, *index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, int(stream), *index])
 
 
 # ----------------------------------------------------------------------------------------------- spec
