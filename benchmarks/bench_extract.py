@@ -1,6 +1,6 @@
 """Extraction throughput vs forward-only throughput of the same model, in one run (goal: ≥ 0.9 on GPU).
 
-Extraction = `metalign.extract.extract` end to end (read, decode, transform in DataLoader workers, forward, HDF5
+Extraction = `metalign.embed.extract.extract` end to end (read, decode, transform in DataLoader workers, forward, HDF5
 writes with a flush per batch). Forward-only = the same backbone on already-transformed batches held on the device.
 The gap is the input pipeline and the writes; the per-image cost of each stage is measured on its own and printed
 to stderr, so a CPU run shows where the time goes. CPU: ViT-Ti/16 on 128 images; GPU: ViT-B/16 (the study's scale)
@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 
 from benchmarks.common import report
-from metalign.backbones import load_backbone
-from metalign.extract import decode, extract, resolve_device
+from metalign.embed.backbones import load_backbone
+from metalign.embed.extract import decode, extract, resolve_device
 from metalign.io import write_csv
-from metalign.manifest import build_manifest
+from metalign.images.manifest import build_manifest
 
 
 def _images(folder: Path, n: int, seed: int = 0) -> list[Path]:

@@ -15,8 +15,8 @@ import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
 from benchmarks.common import report, timer
-from metalign.evaluate import odd_one_out as ooo
-from metalign.evaluate.choice_model import fit_single, log_probabilities
+from metalign.behaviour import odd_one_out as ooo
+from metalign.behaviour.choice_model import fit_single, log_probabilities
 
 N_TRIPLETS, N_PARTICIPANTS, N_CONCEPTS, DIM = 4_699_160, 12_340, 1_854, 768
 BASELINE_PARTICIPANTS = 24

@@ -31,7 +31,8 @@ from benchmarks.bench_codes import D_SAE, K, N_IMAGES, synthetic_codes
 from benchmarks.common import report
 from metalign.functions.codes import Codes
 from metalign.functions.select import function_stats, select_functions
-from metalign.train import Features, train
+from metalign.train.data import Features
+from metalign.train.loop import train
 from metalign.train.tasks import EpisodeTask
 
 D, RAM_STEPS, GIB = 768, 3, 1 << 30

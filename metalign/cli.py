@@ -7,62 +7,34 @@ import importlib
 import logging
 import sys
 
-# Subcommand → the module whose `register(subparsers)` defines it. Only the module of the command being run is
-# imported (a job should not pay for importing every stage's libraries); `--help` imports them all.
-COMMANDS = {
-    "demo-world": "metalign.demo.world",
-    "demo-vit": "metalign.demo.models",
-    "download": "metalign.download",
-    "manifest": "metalign.manifest",
-    "extract": "metalign.extract",
-    "sae-train": "metalign.functions.cli",
-    "sae-encode": "metalign.functions.cli",
-    "functions-select": "metalign.functions.cli",
-    "sae-import": "metalign.functions.cli",
-    "functions-neurons": "metalign.functions.cli",
-    "functions-subset": "metalign.functions.cli",
-    "functions-summary": "metalign.functions.cli",
-    "icl-eval": "metalign.train.icl",
-    "figure-icl": "metalign.train.icl",
-    "train": "metalign.train.cli",
-    "encode": "metalign.train.cli",
-    "evaluate-things": "metalign.evaluate.odd_one_out",
-    "things-table": "metalign.report.tables",
-    "figure-things": "metalign.report.figures",
-    "figure-curves": "metalign.report.figures",
-    "evaluate-levels": "metalign.evaluate.levels",
-    "evaluate-category": "metalign.evaluate.learning",
-    "evaluate-reward": "metalign.evaluate.learning",
-    "evaluate-geometry": "metalign.evaluate.geometry",
-    "behaviour-stats": "metalign.evaluate.stats",
-    "noise-ceiling": "metalign.evaluate.stats",
-    "figure-behaviour": "metalign.evaluate.figures",
-    "figure-geometry": "metalign.evaluate.figures",
-    "figure-tsne": "metalign.evaluate.figures",
-    "demo-behaviour": "metalign.demo.learning",
-    "demo-fmri": "metalign.demo.fmri",
-    "brain-prepare-things": "metalign.brain.cli",
-    "brain-prepare-bold5000": "metalign.brain.cli",
-    "brain-encode": "metalign.brain.cli",
-    "brain-table": "metalign.brain.cli",
-    "figure-brain-rois": "metalign.brain.cli",
-    "figure-brain-volume": "metalign.brain.cli",
-    "downstream-fewshot": "metalign.downstream.cli",
-    "downstream-breeds-splits": "metalign.downstream.cli",
-    "downstream-breeds": "metalign.downstream.cli",
-    "downstream-imagenet-a": "metalign.downstream.cli",
-    "downstream-shape-bias": "metalign.downstream.cli",
-    "downstream-table": "metalign.downstream.cli",
-    "figure-downstream": "metalign.downstream.cli",
-    "demo-labelled": "metalign.demo.labelled",
+# Each stage's `cli` module registers its commands (handlers are named `cmd_<command>`). Only the module of the
+# command being run is imported (a job should not pay for every stage's libraries); `--help` imports them all.
+STAGES = {
+    "metalign.download.cli": ("download",),
+    "metalign.images.cli": ("manifest",),
+    "metalign.embed.cli": ("extract",),
+    "metalign.functions.cli": ("sae-train", "sae-import", "sae-encode", "functions-neurons", "functions-subset",
+                               "functions-summary"),
+    "metalign.train.cli": ("train", "encode", "icl-eval", "figure-curves", "figure-icl"),
+    "metalign.behaviour.cli": ("evaluate-things", "evaluate-levels", "evaluate-category", "evaluate-reward",
+                               "evaluate-geometry", "noise-ceiling", "behaviour-stats", "figure-things",
+                               "figure-behaviour", "figure-geometry", "figure-tsne"),
+    "metalign.brain.cli": ("brain-prepare-things", "brain-prepare-bold5000", "brain-encode", "brain-table",
+                           "figure-brain-rois", "figure-brain-volume"),
+    "metalign.downstream.cli": ("downstream-fewshot", "downstream-breeds-splits", "downstream-breeds",
+                                "downstream-imagenet-a", "downstream-shape-bias", "downstream-fewshot-table",
+                                "figure-downstream"),
+    "metalign.results": ("collect-summaries",),
+    "metalign.demo.cli": ("demo-world", "demo-vit", "demo-behaviour", "demo-fmri", "demo-labelled"),
 }
+COMMANDS = {command: module for module, commands in STAGES.items() for command in commands}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metalign", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
-    modules = [COMMANDS[command]] if command in COMMANDS else sorted(set(COMMANDS.values()))
+    modules = [COMMANDS[command]] if command in COMMANDS else list(STAGES)
     for name in modules:
         importlib.import_module(name).register(subparsers)
     return parser

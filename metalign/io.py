@@ -160,11 +160,6 @@ def _row_chunks(array: np.ndarray) -> tuple[int, ...]:
     return (rows, *array.shape[1:])
 
 
-def read_ids(path: str | os.PathLike) -> list[str]:
-    with h5py.File(path, "r") as handle:
-        return [i.decode() if isinstance(i, bytes) else str(i) for i in handle["ids"][:]]
-
-
 def read_h5(path: str | os.PathLike, names: list[str] | None = None) -> tuple[dict[str, np.ndarray], list[str], dict[str, Any]]:
     """Read arrays, ids and attributes of one file written by `write_h5` (or the resumable extractor)."""
     path = Path(path)

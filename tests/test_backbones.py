@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from metalign.backbones import cache_key, find_blocks, hubs_offline, load_backbone
+from metalign.embed.backbones import cache_key, find_blocks, hubs_offline, load_backbone
 
 OPEN_CLIP_TINY = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 4, "width": 32, "patch_size": 8,
                                                   "head_width": 16},

@@ -19,6 +19,8 @@ from metalign.brain.encoding import encode, read_encoding, stimulus_rows, write_
 from metalign.brain.hdf import read_rows_by_id, write_frame
 from metalign.brain.ridge import GroupedRidgeCV, alpha_grid, himalaya_fit_predict
 from metalign.brain.subject import read_subject, write_subject
+from metalign.config.demo import validate_fmri
+from metalign.demo import cli as demo_cli
 from metalign.demo import fmri as demo_fmri
 from metalign.io import DataContractError
 
@@ -332,7 +334,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
     brain_cli.register(sub)
-    demo_fmri.register(sub)
+    demo_cli.register(sub)
     return parser
 
 
@@ -395,9 +397,9 @@ def test_encoding_errors_name_the_problem(tmp_path, subject):
     with pytest.raises(DataContractError, match="inner session groups"):
         encode(subject, np.zeros((len(subject.betas), 2)), "heldout_session", ALPHAS, 50, 0)
     with pytest.raises(ValueError, match="things.volume"):
-        demo_fmri.validate_spec({**SPEC, "things": {**SPEC["things"], "volume": [3, 3]}})
+        validate_fmri({**SPEC, "things": {**SPEC["things"], "volume": [3, 3]}})
     with pytest.raises(ValueError, match="unknown key"):
-        demo_fmri.validate_spec({**SPEC, "extra": 1})
+        validate_fmri({**SPEC, "extra": 1})
     features = np.random.default_rng(9).standard_normal((len(subject.betas), 4))
     write_encoding(tmp_path / "e.h5", subject, encode(subject, features, "heldout_session", ALPHAS, 3, 0), {})
     assert read_encoding(tmp_path / "e.h5")[2]["scheme"] == "heldout_session"

@@ -9,7 +9,8 @@ import sys
 import pytest
 import yaml
 
-from metalign.config import ConfigError, check_references, variant_params
+from metalign.config.check import check as check_references
+from metalign.config.schema import ConfigError, variant_params
 from tests.conftest import REPO
 
 
@@ -20,7 +21,7 @@ def _demo() -> dict:
 def _dry_run(config: dict, tmp_path) -> subprocess.CompletedProcess:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    return subprocess.run([sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+    return subprocess.run([sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(tmp_path),
                            "all", "--configfile", str(path)], capture_output=True, text=True, timeout=120)
 
 
@@ -28,7 +29,7 @@ def _dry_run(config: dict, tmp_path) -> subprocess.CompletedProcess:
 def test_shipped_configs_are_valid(config_file):
     config = yaml.safe_load((REPO / "config" / config_file).read_text())
     import jsonschema
-    from metalign.config import load_schema
+    from metalign.config.schema import load_schema
 
     jsonschema.validate(config, load_schema())
     check_references(config)

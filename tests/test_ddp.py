@@ -16,7 +16,7 @@ import torch
 
 from metalign.functions.codes import write_codes
 from metalign.io import write_h5
-from metalign.train import train
+from metalign.train.loop import train
 from metalign.train.checkpoint import plain_state_dict
 from test_variants import FAST, planted_pair
 

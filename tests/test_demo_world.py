@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from metalign.demo import generate_world, register
+from metalign.demo.cli import register
+from metalign.demo.world import generate_world
 from metalign.demo import world as world_module
 
 SPEC = {"seed": 3, "n_concepts": 12, "images_per_concept": 3, "image_size": 32, "n_participants": 20,
@@ -197,3 +198,11 @@ def test_cli_takes_the_spec_as_json(tmp_path):
     args = parser.parse_args(["demo-world", "--spec", json.dumps({**SPEC, "sede": 1}), "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="sede"):
         args.func(args)
+
+
+def test_config_bound_on_concepts_is_the_factor_space():
+    """The torch-free config check bounds n_concepts by the demo factor space without importing the demo."""
+    from metalign.config.demo import MAX_CONCEPTS
+    from metalign.demo.factors import n_combinations
+
+    assert MAX_CONCEPTS == n_combinations()

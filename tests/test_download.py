@@ -19,9 +19,10 @@ import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
-from metalign.download import Lock, download, register
-from metalign.http_fetch import AccessDenied, DownloadError, Expected, Retry, fetch, redact
-from metalign.webdataset_input import iter_samples
+from metalign.download.cli import register
+from metalign.download.items import Lock, download
+from metalign.download.http import AccessDenied, DownloadError, Expected, Retry, fetch, redact
+from metalign.images.webdataset import iter_samples
 
 FAST = Retry(attempts=3, backoff_s=0.0, timeout_s=10.0)
 TOKEN = "hf_correctTokenValue123"
@@ -481,7 +482,7 @@ def test_shard_selection_streams_verifies_resumes_and_reports_missing(hub, tmp_p
 
 
 def test_levels_pickle_with_code_is_refused(tmp_path):
-    from metalign.wds_subset import levels_stems
+    from metalign.download.wds_subset import levels_stems
 
     class Evil:
         def __reduce__(self):
@@ -493,7 +494,7 @@ def test_levels_pickle_with_code_is_refused(tmp_path):
 
 
 def test_config_references_are_checked():
-    from metalign.download import check_download_references
+    from metalign.download.items import check_download_references
 
     config = {"resources": "resources", "downloads": {"items": {
         "levels": {"url": "https://x/levels.pkl", "dest": "levels/p.pkl"},

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from sklearn.linear_model import Ridge
 
+from metalign.demo import cli as demo_cli
 from metalign.demo import labelled
 from metalign.downstream import cli
 from metalign.downstream.breeds import Hierarchy, make_task, read_hierarchy, split_superclass
@@ -22,7 +23,7 @@ from metalign.downstream.imagenet_a import class_mapping
 from metalign.downstream.probe import fit_centroids, fit_lsr_probe, holdout_split
 from metalign.downstream.shape_bias import parse_stimuli, shape_bias
 from metalign.io import DataContractError, manifest_hash, write_csv, write_h5
-from metalign.manifest import build_manifest
+from metalign.images.manifest import build_manifest
 
 # ----------------------------------------------------------------------------------------------- least squares
 
@@ -242,7 +243,7 @@ def _run(*argv: str) -> None:
     parser = argparse.ArgumentParser()
     subparsers = parser.add_subparsers(required=True)
     cli.register(subparsers)
-    labelled.register(subparsers)
+    demo_cli.register(subparsers)
     args = parser.parse_args([str(a) for a in argv])
     args.func(args)
 
@@ -374,7 +375,7 @@ def test_tables_and_gain_figure(demo_sets, tmp_path):
                                                                        test="colon_test"),
                      "--shots", "1", "5", "--seeds", "0", "1", "--l2-reg", "1024",
                      "--out", results / "fewshot" / task / backbone / f"{variant}.json")
-    _run("downstream-table", "--kind", "fewshot", "--summaries", *sorted((results / "fewshot").rglob("*.json")),
+    _run("downstream-fewshot-table", "--summaries", *sorted((results / "fewshot").rglob("*.json")),
          "--out", results / "fewshot.csv")
     table = pd.read_csv(results / "fewshot.csv")
     assert list(table.columns[:5]) == ["backbone", "variant", "representation", "mean_1shot", "mean_5shot"]
@@ -389,8 +390,9 @@ def test_tables_and_gain_figure(demo_sets, tmp_path):
 
 
 def test_config_checks_name_the_key():
-    from metalign.config import ConfigError
-    from metalign.downstream.config import check_downstream
+    from metalign.config.schema import ConfigError
+    from metalign.config.check import check_demo
+    from metalign.config.downstream import check_downstream
 
     split = {"dataset": "imagenet_train"}
     config = {"datasets": {"imagenet_train": {"layout": "class_folders", "root": "x", "split": "train"}},
@@ -407,4 +409,4 @@ def test_config_checks_name_the_key():
         check_downstream(config)
     config["downstream"], config["demo"] = {}, {"labelled": {**SPEC, "train_per_class": 0}}
     with pytest.raises(ConfigError, match="demo.labelled: .*'train_per_class' must be an integer ≥ 1"):
-        check_downstream(config)
+        check_demo(config)

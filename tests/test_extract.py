@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from metalign.extract import extract
+from metalign.embed.extract import extract
 from metalign.io import DataContractError, read_h5, write_csv
-from metalign.manifest import build_manifest, load_verified_manifest
+from metalign.images.manifest import build_manifest, load_verified_manifest
 from tests.conftest import write_images
 
 
@@ -51,7 +51,7 @@ def test_extract_matches_direct_forward_and_records_provenance(tiny_vit, image_s
     # naive reference: the model applied to one image at a time
     from PIL import Image
     from transformers import ViTModel
-    from metalign.backbones import Preprocessing
+    from metalign.embed.backbones import Preprocessing
 
     model = ViTModel.from_pretrained(tiny_vit).eval()
     transform = Preprocessing(size=32, mean=(0.5,) * 3, std=(0.5,) * 3).build()

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from metalign.extract import extract
+from metalign.embed.extract import extract
 from metalign.io import DataContractError, read_h5, write_csv
-from metalign.manifest import build_manifest
+from metalign.images.manifest import build_manifest
 from tests.conftest import REPO, write_images
 
 
@@ -42,7 +42,7 @@ def _entry(model_dir, **extra) -> dict:
 
 _CHILD = """
 import argparse, json, sys
-from metalign.extract import register
+from metalign.embed.cli import register
 parser = argparse.ArgumentParser()
 register(parser.add_subparsers())
 args = parser.parse_args(sys.argv[1:])
@@ -82,7 +82,7 @@ def test_kill_9_then_resume_gives_identical_bytes(tiny_vit, tmp_path, caplog):
     killed_at = _n_done(partial)
     assert not out.exists() and 0 < killed_at < 240
 
-    caplog.set_level(logging.INFO, logger="metalign.extract")
+    caplog.set_level(logging.INFO, logger="metalign.embed.extract")
     extract(entry, manifest, out, batch_size=4)
     assert f"at row {killed_at} of 240" in caplog.text
     assert not partial.exists()

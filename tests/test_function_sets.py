@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from metalign.functions import register
+from metalign.functions.cli import register
 from metalign.functions.codes import neuron_targets, read_codes, write_codes, write_neurons
 from metalign.functions.prisma import load_pretrained_sae
 from metalign.functions.sae import load_sae
-from metalign.functions.sets import members, resolve_function_sets
+from metalign.config.functions import members, resolve_function_sets
 from metalign.functions.subsets import mean_pairwise, random_subset, similarity_matrix, similarity_subset
 from metalign.io import DataContractError, write_h5
 from metalign.train.sampler import EpisodeSampler

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from metalign.functions import register
+from metalign.functions.cli import register
 from metalign.functions.codes import check_codes, read_codes, write_codes
 from metalign.functions.sae import TopKSAE, encode_topk, load_sae, save_sae, train_sae
 from metalign.functions.select import function_stats, max_episode_draw, select_functions
-from metalign.io import DataContractError, read_h5, write_h5
+from metalign.io import DataContractError, write_h5
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only add contention
@@ -286,22 +286,10 @@ def test_cli_train_encode_select(tmp_path):
     assert codes.attrs["d_sae"] == 32 and codes.attrs["source"]["attrs"]["model_id"] == "planted"
     assert codes.attrs["sae"]["config"] == {"d_in": 16, "d_sae": 32, "k": 3}
 
-    # functions-select on a bare code file (as the extraction stage writes for Prisma SAEs) gives the same selection
-    bare = tmp_path / "bare.h5"
-    write_h5(bare, {"indices": codes.indices, "values": codes.values}, ids, {"d_sae": 32, "k": 3, "layer": 11})
-    reselected = tmp_path / "reselected.h5"
-    cli(["functions-select", "--codes", str(bare), "--out", str(reselected), "--min-nonzero", "50", "--sl", "40"])
-    np.testing.assert_array_equal(read_codes(reselected).latent_id, codes.latent_id)
-    assert read_h5(reselected, ["indices"])[1] == ids
-
 
 def test_cli_errors_name_the_file(tmp_path):
     features = tmp_path / "no_features.h5"
     write_h5(features, {"embeddings": np.zeros((4, 3), np.float32)}, list("abcd"), {})
     with pytest.raises(DataContractError, match=r"no_features\.h5.*features"):
         cli(["sae-train", "--features", str(features), "--out", str(tmp_path / "sae.pt")])
-    bare = tmp_path / "bare.h5"
-    write_h5(bare, {"indices": np.zeros((4, 1), np.int32), "values": np.ones((4, 1), np.float32)}, list("abcd"), {})
-    with pytest.raises(DataContractError, match=r"bare\.h5.*d_sae"):
-        cli(["functions-select", "--codes", str(bare), "--out", str(tmp_path / "out.h5")])
-    assert not (tmp_path / "sae.pt").exists() and not (tmp_path / "out.h5").exists()
+    assert not (tmp_path / "sae.pt").exists()

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from metalign.demo.learning import synthetic_images
-from metalign.evaluate import figures
-from metalign.evaluate import geometry as geo
+from metalign.behaviour import cli as behaviour_cli
+from metalign.behaviour import geometry as geo
 from metalign.io import write_h5
 
 
@@ -111,8 +111,7 @@ def test_cli_geometry_table_and_figures(tmp_path):
         write_h5(tmp_path / f"{variant}.h5", {"features": features.astype(np.float32)}, images.image_ids, {"s": 1})
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
-    geo.register(sub)
-    figures.register(sub)
+    behaviour_cli.register(sub)
     rows = []
     for variant in ("base", "main"):
         args = parser.parse_args(["evaluate-geometry", "--features", str(tmp_path / f"{variant}.h5"), "--manifest",

@@ -16,7 +16,8 @@ from sklearn.model_selection import GridSearchCV
 from threadpoolctl import threadpool_limits
 
 from metalign.demo.learning import simulate_category, simulate_reward, synthetic_images
-from metalign.evaluate import learning as lr
+from metalign.behaviour import cli as behaviour_cli
+from metalign.behaviour import learning as lr
 from metalign.io import DataContractError, write_h5
 from tests.conftest import SHARED
 
@@ -187,7 +188,7 @@ def test_cli_category_and_reward(tmp_path):
     reward.to_csv(tmp_path / "reward_learning.csv", index=False)
     write_h5(tmp_path / "f.h5", {"features": images.features().astype(np.float32)}, images.image_ids, {"s": 1})
     parser = argparse.ArgumentParser()
-    lr.register(parser.add_subparsers())
+    behaviour_cli.register(parser.add_subparsers())
     for task in ("category", "reward"):
         extra = ["--c-selection", "causal"] if task == "category" else []
         args = parser.parse_args([f"evaluate-{task}", "--table", str(tmp_path / f"{task}_learning.csv"),
@@ -214,7 +215,7 @@ def test_thingsdecisions_reward_choices_with_spose49():
                           "right_reward": raw["RewardRight"].astype(float), "choice": raw["rightChoice"]})
     unequal = table["left_reward"] != table["right_reward"]
     higher = (table["choice"] == (table["right_reward"] > table["left_reward"]))[unequal]
-    assert higher.mean() == pytest.approx(0.743, abs=0.001)                   # the column mapping (anchors §6.1)
+    assert higher.mean() == pytest.approx(0.743, abs=0.001)                   # the column mapping (docs/methods.md §9.4)
     ids = [f"{u}.png" for u in pd.read_csv(SPOSE.parent / "unique_id.csv")["id"]]   # images are stimuli/<id>.png
     per_trial, summary = lr.evaluate_reward(table, np.loadtxt(SPOSE), ids)
     assert summary["n_participants"] == 25 and summary["n_trials"] == 3750

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 
 from metalign.demo.learning import levels_path, simulate_levels, synthetic_images
-from metalign.evaluate import levels as lv
-from metalign.evaluate import odd_one_out as ooo
-from metalign.evaluate import stats as st
+from metalign.behaviour import cli as behaviour_cli
+from metalign.behaviour import levels as lv
+from metalign.behaviour import odd_one_out as ooo
 from metalign.io import DataContractError, write_h5
 
 SPEC = {"n_participants": 16, "trials_per_participant": 150, "repeat_fraction": 0.15, "none_fraction": 0.05,
@@ -162,8 +162,7 @@ def test_cli_reports_missing_images_and_writes_outputs(tmp_path):
              [images.image_ids[i] for i in order], {"source": "test"})
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
-    lv.register(sub)
-    st.register(sub)
+    behaviour_cli.register(sub)
     args = parser.parse_args(["noise-ceiling", "--levels", str(tmp_path / "levels.pkl"), "--out",
                               str(tmp_path / "nc.json")])
     args.func(args)

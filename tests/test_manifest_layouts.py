@@ -15,11 +15,12 @@ import scipy.io
 import yaml
 from PIL import Image
 
-from metalign.config import ConfigError, check_dataset, load_schema
-from metalign.downstream.config import check_downstream
+from metalign.config.datasets import check_dataset
+from metalign.config.schema import ConfigError, load_schema
+from metalign.config.downstream import check_downstream
 from metalign.io import DataContractError
-from metalign.layouts import LAYOUTS
-from metalign.manifest import ImageReader, build_manifest, verify_manifest
+from metalign.images.layouts import LAYOUTS
+from metalign.images.manifest import ImageReader, build_manifest, verify_manifest
 from tests.conftest import REPO
 
 

@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 from sklearn.model_selection import StratifiedKFold
 
-from metalign.evaluate import choice_model as cm
-from metalign.evaluate import odd_one_out as ooo
+from metalign.behaviour import choice_model as cm
+from metalign.behaviour import cli as behaviour_cli
+from metalign.behaviour import odd_one_out as ooo
 from metalign.io import DataContractError, write_h5
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -342,7 +343,7 @@ def test_cli_writes_trials_and_summary(tmp_path):
         "image2": table["j"] + 1, "image3": table["k"] + 1, "choice": table["choice"] + 1}))
 
     parser = argparse.ArgumentParser()
-    ooo.register(parser.add_subparsers())
+    behaviour_cli.register(parser.add_subparsers())
     args = parser.parse_args([
         "evaluate-things", "--triplets", str(tmp_path / "triplets.csv"), "--unique-ids",
         str(tmp_path / "unique_id.txt"), "--manifest", str(tmp_path / "manifest.csv"), "--features",

@@ -33,7 +33,7 @@ UPSTREAM = {"demo_world", "demo_vit", "demo_behaviour", "demo_fmri", "demo_label
 def snakemake(workdir, *args, config: Path | Sequence[Path] = DEMO, cwd=REPO,
               check=True) -> subprocess.CompletedProcess:
     configs = [config] if isinstance(config, Path) else list(config)
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args,
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(workdir), *args,
            "--configfile", *map(str, configs)]
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=1800)
     if check and result.returncode != 0:
@@ -64,8 +64,8 @@ def test_demo_outputs(demo):
     root = workdir / "results" / "demo"
     table = pd.read_csv(root / "alignment" / "things_ooo.csv")
     config = yaml.safe_load(DEMO.read_text())
-    from metalign.config import variant_params
-    from metalign.train.config import has_representation
+    from metalign.config.schema import variant_params
+    from metalign.config.model import has_representation
 
     encoded = [v for v in config["variants"] if has_representation(variant_params(config, v))]
     assert len(table) == len(config["backbones"]) * (1 + len(encoded))
@@ -93,8 +93,8 @@ def test_changed_training_steps_rerun_only_descendants(demo, tmp_path):
     jobs = planned_jobs(snakemake(workdir, "-n", "all", "--quiet", "rules", config=path))
     n_backbones = len(config["backbones"])
     assert not UPSTREAM & set(jobs), jobs
-    from metalign.config import variant_params
-    from metalign.train.config import has_representation
+    from metalign.config.schema import variant_params
+    from metalign.config.model import has_representation
 
     changed = [v for v in config["variants"] if "steps" not in config["variants"][v]]  # the others set their own
     encoded = [v for v in changed if has_representation(variant_params(config, v))]
@@ -127,7 +127,7 @@ def test_slurm_profile_dry_run_maps_gpus(demo):
 
 def _load_world(workdir):
     things = workdir / "resources" / "demo" / "world" / "things"
-    from metalign.evaluate.odd_one_out import load_triplets
+    from metalign.behaviour.odd_one_out import load_triplets
 
     truth = json.loads((things / "ground_truth.json").read_text())
     embedding = np.loadtxt(next(things.glob("spose_embedding_*d_sorted.txt")))
@@ -140,7 +140,7 @@ def _binomial_ci(p: float, n: int) -> tuple[float, float]:
 
 
 def test_planted_embedding_reaches_participants_accuracy(demo):
-    from metalign.evaluate.odd_one_out import evaluate
+    from metalign.behaviour.odd_one_out import evaluate
 
     truth, embedding, triplets = _load_world(demo[0])
     _, summary = evaluate(embedding, triplets)
@@ -149,7 +149,7 @@ def test_planted_embedding_reaches_participants_accuracy(demo):
 
 
 def test_random_embedding_scores_chance(demo):
-    from metalign.evaluate.odd_one_out import evaluate
+    from metalign.behaviour.odd_one_out import evaluate
 
     _, embedding, triplets = _load_world(demo[0])
     random = np.random.default_rng(0).normal(size=embedding.shape)
@@ -168,10 +168,10 @@ def test_demo_full_overlay_on_the_built_demo(demo, tmp_path):
     with a checkpoint of its own architecture, an encode()d THINGS representation at its hidden size, and THINGS and
     Levels odd-one-out rows next to `base`; the report builds. The targets are the report and the odd-one-out tables
     (`make demo-full` also runs every other benchmark on each variant: too long for CI)."""
-    from metalign.config import variant_params
-    from metalign.functions.sets import resolve_function_sets
+    from metalign.config.schema import variant_params
+    from metalign.config.functions import resolve_function_sets
     from metalign.functions.subsets import n_kept
-    from metalign.train.config import has_representation
+    from metalign.config.model import has_representation
 
     workdir, _ = demo
     base, overlay = yaml.safe_load(DEMO.read_text()), yaml.safe_load(DEMO_FULL.read_text())

@@ -13,8 +13,9 @@ import pytest
 from scipy import integrate, stats
 from scipy.special import digamma, gammaln, gammainc, logsumexp
 
-from metalign.evaluate import figures, odd_one_out
-from metalign.evaluate import stats as st
+from metalign.behaviour import figures
+from metalign.behaviour import cli as behaviour_cli
+from metalign.behaviour import stats as st
 from metalign.io import write_h5
 from tests.conftest import SHARED
 
@@ -37,9 +38,9 @@ def test_bms_reproduces_thingsdecisions_frequencies_and_pxp():
     np.testing.assert_allclose(compat.frequency, published["mean"], atol=1e-4)
     np.testing.assert_allclose(compat.pxp, published["pxp"], atol=2e-5)
     assert compat.n_iter == 32 and not compat.converged
-    assert compat.f1 - compat.f0 == pytest.approx(7.70, abs=0.01)                   # anchors.md §6.2
+    assert compat.f1 - compat.f0 == pytest.approx(7.70, abs=0.01)                   # docs/methods.md §10
     converged = st.bms(evidence)
-    assert converged.converged and 45 <= converged.n_iter <= 52                       # anchors: 49 iterations
+    assert converged.converged and 45 <= converged.n_iter <= 52                       # published: 49 iterations (docs/methods.md §10)
     assert converged.frequency[0] == pytest.approx(0.9699, abs=1e-4)
     assert converged.frequency[1] == pytest.approx(0.0104, abs=1e-4)
     resnet = st.bms(_decisions("resnet"), max_iter=st.COMPAT_ITERATIONS)
@@ -182,8 +183,7 @@ def test_benchmark_statistics_subsets_need_three_participants():
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
-    for module in (st, figures, odd_one_out):
-        module.register(sub)
+    behaviour_cli.register(sub)
     return parser
 
 

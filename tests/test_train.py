@@ -1,4 +1,4 @@
-"""Episode sampler, meta-learner and training loop on small planted data (protocols §4–§8)."""
+"""Episode sampler, meta-learner and training loop on small planted data (docs/methods.md §4–§8)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ import torch
 from metalign.functions.codes import Codes, write_codes
 from metalign.functions.select import function_stats, max_episode_draw, select_functions
 from metalign.io import DataContractError, read_h5, write_h5
-from metalign.train import EpisodeSampler, Features, ModelConfig, build_model, load_encoder, train
+from metalign.train.data import Features
+from metalign.train.loop import train
+from metalign.train.model import ModelConfig, build_model, load_encoder
+from metalign.train.sampler import EpisodeSampler
 from metalign.train import cli as train_cli
 from metalign.train.checkpoint import MODEL_FORMAT
 from metalign.train.loop import METRIC_COLUMNS

@@ -1,4 +1,4 @@
-"""Model variants (protocols §5, §8, §12): encode() of each, LSTM and no-embed sequence models, static_linear,
+"""Model variants (docs/methods.md §5, §8, §12): encode() of each, LSTM and no-embed sequence models, static_linear,
 weight decay on the embedding, dense (neuron) targets, and in-context-learning curves."""
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ import torch
 from metalign.functions.codes import Codes, read_codes, write_codes, write_neurons
 from metalign.functions.select import function_stats, select_functions
 from metalign.io import write_h5
-from metalign.train import Features, ModelConfig, TrainConfig, build_model, load_encoder, train
+from metalign.config.model import TrainConfig
+from metalign.train.data import Features
+from metalign.train.loop import train
+from metalign.train.model import ModelConfig, build_model, load_encoder
 from metalign.train import cli as train_cli
 from metalign.train import icl
 from metalign.train.model import parameter_groups
@@ -107,7 +110,7 @@ def test_lstm_is_causal_and_config_errors():
         ModelConfig(d_in=D, hidden=24, n_heads=4, no_embed=True)
     with pytest.raises(ValueError, match="n_functions"):
         ModelConfig(d_in=D, model_type="static_linear")
-    with pytest.raises(ValueError, match="not implemented"):
+    with pytest.raises(ValueError, match="is not one of"):
         ModelConfig(d_in=D, model_type="gru")
     # the same checks where the workflow validates its config (before D is known, without torch)
     with pytest.raises(ValueError, match="model_type 'gru'"):
@@ -188,7 +191,6 @@ def test_icl_curves_fixed_episodes_and_figure(data, tmp_path):
     # the same episodes for another model and another backbone (other features, same image ids)
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
-    icl.register(sub)
     train_cli.register(sub)
     other_backbone = tmp_path / "other.h5"
     write_h5(other_backbone, {"features": np.random.default_rng(1).standard_normal((240, D)).astype(np.float32)},

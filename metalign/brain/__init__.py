@@ -1,4 +1,4 @@
-"""Brain alignment (protocols.md §9.5–9.6): voxelwise ridge encoding of THINGS-fMRI and BOLD5000 single-trial
+"""Brain alignment (docs/methods.md §9.5–9.6): voxelwise ridge encoding of THINGS-fMRI and BOLD5000 single-trial
 responses from base and meta-learned representations, with leakage-free cross-validation, ROI statistics and figures.
 
 Modules: `hdf` (pandas' fixed HDF5 frames via h5py), `subject` (the prepared per-subject file), `things` and

@@ -1,4 +1,4 @@
-"""BOLD5000 Release 2.0 single-trial GLMsingle betas per ROI → a prepared subject (docs/bold5000.md, datasets.md §2.2).
+"""BOLD5000 Release 2.0 single-trial GLMsingle betas per ROI → a prepared subject (docs/bold5000.md, docs/datasets.md §2.2).
 
 Layout under `root`: two downloads side by side (sources and the public code each fact comes from: docs/bold5000.md).
 

@@ -20,21 +20,21 @@ from metalign.io import DataContractError, write_csv
 log = logging.getLogger(__name__)
 
 
-def _prepare_things(args: argparse.Namespace) -> None:
+def cmd_brain_prepare_things(args: argparse.Namespace) -> None:
     subject = things.load_subject(args.betas_dir, args.subject, args.nc_threshold)
     write_subject(args.out, subject)
     log.info("%s: %d trials × %d voxels (nc_singletrial > %g)", subject.subject, *subject.betas.shape,
              args.nc_threshold)
 
 
-def _prepare_bold5000(args: argparse.Namespace) -> None:
+def cmd_brain_prepare_bold5000(args: argparse.Namespace) -> None:
     subject = bold5000.load_subject(args.root, args.subject, args.nc_threshold, args.rois, args.zscore_sessions,
                                     args.exclude_prefixes)
     write_subject(args.out, subject)
     log.info("%s: %d trials × %d voxels", subject.subject, *subject.betas.shape)
 
 
-def _encode(args: argparse.Namespace) -> None:
+def cmd_brain_encode(args: argparse.Namespace) -> None:
     subject = read_subject(args.subject_file)
     result = encoding.run(subject, args.features, args.out, args.scheme, json.loads(args.alphas), args.n_inner,
                           args.seed, args.n_folds, resolve_backend(args.backend), args.standardize)
@@ -42,7 +42,7 @@ def _encode(args: argparse.Namespace) -> None:
              float(np.nanmedian(result.r2_norm)))
 
 
-def _table(args: argparse.Namespace) -> None:
+def cmd_brain_table(args: argparse.Namespace) -> None:
     rois = json.loads(args.rois)
     folds = fold_table(args.encodings, rois)
     write_csv(args.out_folds, folds)
@@ -50,7 +50,7 @@ def _table(args: argparse.Namespace) -> None:
     write_csv(args.out_alphas, alpha_table(args.encodings))
 
 
-def _figure_rois(args: argparse.Namespace) -> None:
+def cmd_figure_brain_rois(args: argparse.Namespace) -> None:
     from metalign.brain.figures import roi_figure  # matplotlib only for the figure jobs
 
     folds, stats = pd.read_csv(args.folds), pd.read_csv(args.stats, keep_default_na=False, na_values=[""])
@@ -59,7 +59,7 @@ def _figure_rois(args: argparse.Namespace) -> None:
                f"{args.title} ({args.scheme})", json.loads(args.rois))
 
 
-def _figure_volume(args: argparse.Namespace) -> None:
+def cmd_figure_brain_volume(args: argparse.Namespace) -> None:
     from metalign.brain.figures import volume_figure
 
     if not len(args.base) == len(args.meta) == len(args.masks):
@@ -83,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--subject", required=True, help="01, 02 or 03")
     p.add_argument("--nc-threshold", type=float, default=5.0, help="keep voxels with nc_singletrial > this (%%)")
     p.add_argument("--out", required=True, type=Path)
-    p.set_defaults(func=_prepare_things)
+    p.set_defaults(func=cmd_brain_prepare_things)
 
     p = subparsers.add_parser("brain-prepare-bold5000", help="read BOLD5000 ROI betas and write a prepared subject")
     p.add_argument("--root", required=True, type=Path,
@@ -94,7 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--zscore-sessions", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--exclude-prefixes", nargs="*", default=["COCO_"], help="drop trials of images named so")
     p.add_argument("--out", required=True, type=Path)
-    p.set_defaults(func=_prepare_bold5000)
+    p.set_defaults(func=cmd_brain_prepare_bold5000)
 
     p = subparsers.add_parser("brain-encode", help="voxelwise ridge encoding of one subject from one representation")
     p.add_argument("--subject-file", required=True, type=Path, help="prepared subject (brain-prepare-*)")
@@ -107,7 +107,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="auto", help="himalaya backend: numpy, torch, torch_cuda or auto")
     p.add_argument("--standardize", action="store_true", help="z-score features with training-fold statistics")
     p.add_argument("--out", required=True, type=Path)
-    p.set_defaults(func=_encode)
+    p.set_defaults(func=cmd_brain_encode)
 
     p = subparsers.add_parser("brain-table", help="ROI values per fold, base-vs-meta statistics, α edge report")
     p.add_argument("--encodings", nargs="+", required=True, help="<scheme>/<backbone>/<variant>/<subject>.h5 files")
@@ -115,7 +115,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out-folds", required=True, type=Path)
     p.add_argument("--out-stats", required=True, type=Path)
     p.add_argument("--out-alphas", required=True, type=Path)
-    p.set_defaults(func=_table)
+    p.set_defaults(func=cmd_brain_table)
 
     p = subparsers.add_parser("figure-brain-rois", help="ROI bar plot with FDR stars")
     p.add_argument("--folds", required=True, type=Path)
@@ -124,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rois", default="[]", help="ROI order as a JSON list")
     p.add_argument("--title", required=True)
     p.add_argument("--out", required=True, type=Path)
-    p.set_defaults(func=_figure_rois)
+    p.set_defaults(func=cmd_figure_brain_rois)
 
     p = subparsers.add_parser("figure-brain-volume", help="meta − base R² on each subject's volume (nilearn)")
     p.add_argument("--base", nargs="+", required=True, help="base encodings, one per subject")
@@ -133,4 +133,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--label", required=True, help="name of the meta representation")
     p.add_argument("--title", required=True)
     p.add_argument("--out", required=True, type=Path)
-    p.set_defaults(func=_figure_volume)
+    p.set_defaults(func=cmd_figure_brain_volume)

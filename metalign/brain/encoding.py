@@ -1,4 +1,4 @@
-"""Voxelwise encoding of one prepared subject from one representation (protocols.md §9.5–9.6).
+"""Voxelwise encoding of one prepared subject from one representation (docs/methods.md §9.5–9.6).
 
 For every outer fold: ridge with intercept, one α per voxel from the grid chosen by the inner CV of the scheme
 (`cv.py`), fitted on the fold's training trials, R² per voxel on its held-out trials (SS_tot around the held-out

@@ -42,7 +42,7 @@ SMALL_WORK = 5e7
 
 
 def alpha_grid(log10_min: float, log10_max: float, n: int) -> np.ndarray:
-    """`n` log-spaced ridge penalties from 10^log10_min to 10^log10_max (protocols: −6, 3, 100)."""
+    """`n` log-spaced ridge penalties from 10^log10_min to 10^log10_max (the study: −6, 3, 100; docs/methods.md §9.5)."""
     if n < 2 or log10_max <= log10_min:
         raise ValueError(f"alpha grid needs n ≥ 2 and log10_max > log10_min, got {log10_min}, {log10_max}, {n}")
     return np.logspace(log10_min, log10_max, n)

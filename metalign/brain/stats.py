@@ -1,4 +1,4 @@
-"""Statistics of the encoding results (protocols.md §9.5): per-voxel R² and noise ceilings, ROI summaries, the exact
+"""Statistics of the encoding results (docs/methods.md §9.5): per-voxel R² and noise ceilings, ROI summaries, the exact
 sign-flip test over folds, Fisher's combination over subjects and Benjamini–Hochberg FDR over ROIs.
 
 No voxel-level test is reported as inference (voxels are not independent; P-23), and there is no permutation null
@@ -16,7 +16,7 @@ from scipy.special import chdtrc  # χ² survival function; scipy.stats costs ~1
 
 from metalign.io import DataContractError
 
-P_FLOOR = 1e-16              # protocols §9.5 step 3: log(max(p, 1e-16))
+P_FLOOR = 1e-16              # docs/methods.md §9.5 step 3: log(max(p, 1e-16))
 MAX_EXACT_FOLDS = 20         # 2^20 sign vectors: the largest exact test kept in memory comfortably
 HEMISPHERE_PREFIXES = (("l", "r"), ("LH", "RH"))  # THINGS-fMRI lFFA/rFFA; BOLD5000 LHPPA/RHPPA
 STAR_LEVELS = ((0.001, "***"), (0.01, "**"), (0.05, "*"))
@@ -56,7 +56,7 @@ def noise_ceiling(betas: np.ndarray, stimulus: Sequence[str], n_average: int = 1
 
 
 def sign_flip_pvalue(diffs: Sequence[float]) -> float:
-    """Exact two-sided sign-flip test of mean(d) = 0 over all 2^F sign vectors (protocols §9.5 step 2).
+    """Exact two-sided sign-flip test of mean(d) = 0 over all 2^F sign vectors (docs/methods.md §9.5 step 2).
 
     p = mean over ε of 1[|mean(ε·d)| ≥ |mean(d)|]; the identity and its negation always count, so p ≥ 2 / 2^F.
     """
@@ -95,7 +95,7 @@ def bh_fdr(pvalues: Sequence[float]) -> np.ndarray:
 
 
 def stars(q: float, mean_a: float, mean_b: float) -> str:
-    """Significance marks at q < .05/.01/.001; none when both model means are below 0 (protocols §9.5 step 4)."""
+    """Significance marks at q < .05/.01/.001; none when both model means are below 0 (docs/methods.md §9.5 step 4)."""
     if not np.isfinite(q) or (mean_a < 0 and mean_b < 0):
         return ""
     return next((mark for level, mark in STAR_LEVELS if q < level), "")
@@ -141,7 +141,7 @@ def compare_rois(folds: pd.DataFrame, reference: str, subjects: Sequence[str]) -
 
     `folds` has columns representation, subject, roi, fold, value for exactly one scheme × backbone; every
     non-reference representation is compared with the reference on the same folds. ROIs must be present for every
-    subject (protocols §9.5); others are dropped.
+    subject (docs/methods.md §9.5); others are dropped.
     """
     rows = []
     wide = folds.pivot_table(index=["subject", "roi", "fold"], columns="representation", values="value")

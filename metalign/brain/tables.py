@@ -32,7 +32,7 @@ def fold_table(paths: Sequence[str | os.PathLike], rois: Sequence[str]) -> pd.Da
 
 
 def stats_table(folds: pd.DataFrame) -> pd.DataFrame:
-    """Every variant against `base` on the same folds, per scheme × backbone (protocols.md §9.5 steps 1–4)."""
+    """Every variant against `base` on the same folds, per scheme × backbone (docs/methods.md §9.5 steps 1–4)."""
     frames = []
     for (scheme, backbone), block in folds.groupby(["scheme", "backbone"], sort=True):
         if REFERENCE not in set(block["variant"]):

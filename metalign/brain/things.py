@@ -1,4 +1,4 @@
-"""THINGS-fMRI single-trial betas (datasets.md §2.1; figshare `betas_csv`) → a prepared subject.
+"""THINGS-fMRI single-trial betas (docs/datasets.md §2.1; figshare `betas_csv`) → a prepared subject.
 
 Per subject P: `sub-0P_ResponseData.h5` (pandas fixed frame `ResponseData`: `voxel_id` + one column per trial, the
 trial columns in the row order of the stimulus table), `sub-0P_VoxelMetadata.csv` (`voxel_id`, `voxel_x/y/z`,

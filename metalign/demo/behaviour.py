@@ -1,16 +1,17 @@
 """Simulated odd-one-out participants whose ideal observer is the planted embedding.
 
-They use the evaluator's logit rule (protocols.md §9.1): the logit for "position p is odd" is the cosine similarity of
+They use the evaluator's logit rule (docs/methods.md §9.1): the logit for "position p is odd" is the cosine similarity of
 the other two items, and choices are softmax(logits / temperature) draws.
 """
 
 from __future__ import annotations
 
-from math import comb
 from typing import Iterable
 
 import numpy as np
 import pandas as pd
+
+from metalign.config.demo import n_repeats
 
 TRIPLET_COLUMNS = ("subject_id", "image1", "image2", "image3", "choice")
 
@@ -27,14 +28,6 @@ def log_choice_probabilities(logits: np.ndarray, temperature: float) -> np.ndarr
     scaled = logits / temperature
     shifted = scaled - scaled.max(axis=1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
-def n_repeats(n_trials: int, repeat_fraction: float) -> int:
-    return int(round(repeat_fraction * n_trials))
-
-
-def max_unique_triplets(n_concepts: int) -> int:
-    return comb(n_concepts, 3)
 
 
 def _fresh_triplets(rng: np.random.Generator, n_concepts: int, count: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Simulated fMRI subjects for the demo world, written in the released file formats.
 
-THINGS-fMRI (datasets.md §2.1): per subject `betas_csv/sub-0P_ResponseData.h5` (pandas fixed frame, `voxel_id` +
+THINGS-fMRI (docs/datasets.md §2.1): per subject `betas_csv/sub-0P_ResponseData.h5` (pandas fixed frame, `voxel_id` +
 one column per trial), `sub-0P_VoxelMetadata.csv`, `sub-0P_StimulusMetadata.csv` and
 `brainmasks/sub-0P_space-T1w_brainmask.nii.gz`. BOLD5000 (the Release 2.0 layout read by `metalign.brain.bold5000`,
 docs/bold5000.md): per-ROI `.npy` betas over all sessions, `CSI<s>_imgnames.txt` and per-run presentation lists, with
@@ -18,8 +18,6 @@ something to select. Noise ceilings in the metadata are computed from the simula
 
 from __future__ import annotations
 
-import argparse
-import json
 from enum import IntEnum
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,6 +29,7 @@ from metalign.brain.bold5000 import BETAS, IMAGE_NAMES, LISTS, REPEAT_PREFIX, RO
 from metalign.brain.hdf import write_frame
 from metalign.brain.stats import noise_ceiling
 from metalign.brain.things import RESPONSE_KEY
+from metalign.config.demo import validate_fmri
 from metalign.demo.streams import stream_rng as _rng
 from metalign.io import atomic_path, library_versions, write_json, write_text
 
@@ -44,11 +43,6 @@ DIMS_PER_ROI = 6          # each ROI prefers a few planted dimensions
 ROI_RADIUS = 0.28         # in units of the half-axes of the brain ellipsoid
 VOXEL_MM = 2.0
 
-SPEC_KEYS = {"seed": int, "things": dict, "bold5000": dict}
-THINGS_KEYS = {"n_subjects": int, "n_sessions": int, "n_test_images": int, "runs_per_session": int,
-               "volume": list, "image_sd": float, "session_sd": float, "trial_sd": float}
-BOLD_KEYS = {"n_subjects": int, "n_sessions": int, "n_repeated": int, "n_coco": int, "voxels_per_roi": int,
-             "runs_per_session": int, "image_sd": float, "session_sd": float, "trial_sd": float}
 
 
 class Stream(IntEnum):
@@ -58,36 +52,6 @@ class Stream(IntEnum):
     VOXELS = 1
     RESPONSES = 2
     COCO = 3
-
-
-def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Checked copy of the demo fMRI spec; a ValueError names the bad key."""
-    def check(block: Mapping[str, Any], keys: Mapping[str, type], where: str) -> dict[str, Any]:
-        unknown = sorted(set(block) - set(keys))
-        if unknown:
-            raise ValueError(f"{where} has unknown key(s) {unknown}; expected {sorted(keys)}")
-        out = {}
-        for key, kind in keys.items():
-            if key not in block:
-                raise ValueError(f"{where} is missing key {key!r}")
-            value = block[key]
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 if kind is float \
-                else isinstance(value, kind) and not isinstance(value, bool)
-            if not ok:
-                raise ValueError(f"{where}.{key} must be a non-negative {kind.__name__}, got {value!r}")
-            out[key] = float(value) if kind is float else value
-        return out
-
-    clean = check(spec, SPEC_KEYS, "demo fmri spec")
-    clean["things"] = check(spec["things"], THINGS_KEYS, "demo fmri spec things")
-    clean["bold5000"] = check(spec["bold5000"], BOLD_KEYS, "demo fmri spec bold5000")
-    t = clean["things"]
-    if len(t["volume"]) != 3 or not all(isinstance(v, int) and v >= 6 for v in t["volume"]):
-        raise ValueError(f"demo fmri spec things.volume must be three integers ≥ 6, got {t['volume']}")
-    for block in (t, clean["bold5000"]):
-        if block["n_sessions"] < 2 or block["runs_per_session"] < 1 or block["n_subjects"] < 1:
-            raise ValueError("demo fmri spec needs n_sessions ≥ 2, runs_per_session ≥ 1 and n_subjects ≥ 1")
-    return clean
 
 
 # ----------------------------------------------------------------------------------------------- the world
@@ -273,7 +237,7 @@ def write_bold5000_subject(out: Path, s: int, images: list[str], features: np.nd
 
 def generate(world: str | Path, out: str | Path, spec: Mapping[str, Any]) -> dict[str, Any]:
     """Write every simulated subject under `out`; `out/fmri.json` (the summary) is written last."""
-    spec = validate_spec(spec)
+    spec = validate_fmri(spec)
     out = Path(out)
     images, features = read_world(world)
     if spec["things"]["n_test_images"] >= len(images):
@@ -286,18 +250,3 @@ def generate(world: str | Path, out: str | Path, spec: Mapping[str, Any]) -> dic
                "library_versions": library_versions()}
     write_json(out / "fmri.json", summary)
     return summary
-
-
-def _cli(args: argparse.Namespace) -> None:
-    summary = generate(args.world, args.out, json.loads(args.spec))
-    print(f"demo fMRI in {args.out}: {len(summary['things_fmri'])} THINGS-fMRI and {len(summary['bold5000'])} "
-          "BOLD5000 subjects")
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo-fmri", help="simulate fMRI subjects on the demo world (THINGS-fMRI and "
-                                   "BOLD5000 file formats)", description=__doc__)
-    parser.add_argument("--world", required=True, type=Path, help="the demo world folder (demo-world --out)")
-    parser.add_argument("--spec", required=True, help="the fMRI spec as JSON (config `demo.fmri`)")
-    parser.add_argument("--out", required=True, type=Path)
-    parser.set_defaults(func=_cli)

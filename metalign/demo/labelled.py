@@ -18,7 +18,6 @@ The image size is the world's (`world.json`), so both backbones see every demo i
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import string
@@ -32,6 +31,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from metalign.config.demo import validate_labelled
 from metalign.demo.factors import COLOURS, SHAPE_ATTRIBUTES, SHAPES, TEXTURES
 from metalign.demo.render import Placement, render
 from metalign.demo.streams import stream_rng as _rng
@@ -41,8 +41,6 @@ from metalign.io import atomic_path, library_versions, write_csv, write_json, wr
 MARKER = ".demo-labelled"
 BREEDS_PER_SHAPE = 4
 POINTED = 0.5  # shapes at least this pointy form the "pointed" group of the mini hierarchy
-SPEC_KEYS = ("seed", "train_per_class", "val_per_class", "shifted_per_class", "conflicts_per_pair",
-             "colon_train_per_class", "colon_test_per_class", "dtd_per_split")
 # Colon-like tissue classes (NCT-CRC-HE-100K names): texture, hue, number and radius of dark "nuclei"
 TISSUES = {
     "ADI": ("plain", 0.95, 3, 0.14), "BACK": ("plain", 0.10, 0, 0.0), "DEB": ("dotted", 0.02, 6, 0.05),
@@ -98,20 +96,6 @@ def categories(classes: list[DemoClass]) -> dict[str, list[str]]:
     """Cue-conflict categories (the shapes) → their training classes (breed 0), as model-vs-human maps its 16
     categories to ImageNet wnids."""
     return {c.shape: [c.wnid] for c in classes if c.breed == 0}
-
-
-def validate_spec(spec: Mapping[str, Any]) -> dict[str, int]:
-    if not isinstance(spec, Mapping):
-        raise ValueError(f"labelled demo spec must be a mapping, got {type(spec).__name__}")
-    unknown, missing = sorted(set(spec) - set(SPEC_KEYS)), sorted(set(SPEC_KEYS) - set(spec))
-    if unknown or missing:
-        raise ValueError(f"labelled demo spec: unknown key(s) {unknown}, missing key(s) {missing}")
-    for key in SPEC_KEYS:
-        value = spec[key]
-        lowest = 0 if key == "seed" else 1
-        if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
-            raise ValueError(f"labelled demo spec key {key!r} must be an integer ≥ {lowest}, got {value!r}")
-    return {key: int(spec[key]) for key in SPEC_KEYS}
 
 
 # ----------------------------------------------------------------------------------------------- objects
@@ -309,7 +293,7 @@ def _counts(rows: list[dict[str, Any]]) -> Iterator[tuple[str, int]]:
 
 def generate_labelled(out_dir: Path, spec: Mapping[str, Any], image_size: int) -> dict[str, Any]:
     """Write every labelled demo set under `out_dir` and return the summary (also `labelled.json`, written last)."""
-    spec = validate_spec(spec)
+    spec = validate_labelled(spec)
     out_dir = Path(out_dir)
     _claim(out_dir)
     classes = demo_classes()
@@ -332,18 +316,3 @@ def generate_labelled(out_dir: Path, spec: Mapping[str, Any], image_size: int) -
     }
     write_json(out_dir / "labelled.json", summary)
     return summary
-
-
-def _cli(args: argparse.Namespace) -> None:
-    world = json.loads(Path(args.world).read_text())
-    summary = generate_labelled(Path(args.out), json.loads(args.spec), int(world["spec"]["image_size"]))
-    print(f"labelled demo sets in {args.out}: " + ", ".join(f"{k} {v}" for k, v in summary["counts"].items()))
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo-labelled", help="labelled demo image sets in real downstream layouts",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world", required=True, help="the demo world's world.json (its image size is reused)")
-    parser.add_argument("--spec", required=True, help="JSON spec (config `demo.labelled`)")
-    parser.add_argument("--out", required=True, help="output folder (empty, or a previous labelled demo)")
-    parser.set_defaults(func=_cli)

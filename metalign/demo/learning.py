@@ -1,4 +1,4 @@
-"""Simulated behaviour beyond THINGS triplets, in the real file formats (datasets.md), from the demo world.
+"""Simulated behaviour beyond THINGS triplets, in the real file formats (docs/datasets.md), from the demo world.
 
 - Levels: image triplets of the demo THINGS images, typed by the concepts' shape (the coarse class):
   `within_class` (three concepts of one shape), `between_class` (three shapes), `class_border` (two and one), plus
@@ -14,7 +14,6 @@ In every task the planted embedding is the generating model, so evaluations have
 
 from __future__ import annotations
 
-import argparse
 import json
 import pickle
 from dataclasses import dataclass
@@ -26,11 +25,12 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
+from metalign.config.demo import validate_behaviour
 from metalign.demo.behaviour import log_choice_probabilities, odd_one_out_logits
 from metalign.demo.factors import planted_embedding, sample_concepts
 from metalign.demo.streams import stream_rng as _rng
-from metalign.evaluate.learning import LOG_VALUE_FLOOR, online_bayesian_ridge, online_logistic, span_coordinates
-from metalign.evaluate.levels import NONE_TYPE, TRIPLET_TYPES, stem
+from metalign.behaviour.learning import LOG_VALUE_FLOOR, online_bayesian_ridge, online_logistic, span_coordinates
+from metalign.behaviour.levels import NONE_TYPE, TRIPLET_TYPES, stem
 from metalign.io import atomic_path, write_csv, write_json
 
 CATEGORY_C = 1.0
@@ -227,37 +227,12 @@ def concept_metadata(world: str | Path) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------- entry points
 
 
-SPEC_KEYS = {
-    "levels": ("n_participants", "trials_per_participant", "repeat_fraction", "none_fraction", "catch_trials",
-               "missing_image_trials", "temperature"),
-    "category": ("n_participants", "n_trials", "temperature"),
-    "reward": ("n_participants", "n_trials", "temperature"),
-}
-
-
-def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The behaviour spec (config `demo.behaviour`): seed plus one block per task, every key present and ≥ 0."""
-    expected = {"seed", *SPEC_KEYS}
-    if not isinstance(spec, Mapping) or set(spec) != expected:
-        raise ValueError(f"demo behaviour spec needs exactly the keys {sorted(expected)}, got "
-                         f"{sorted(spec) if isinstance(spec, Mapping) else spec!r}")
-    for task, keys in SPEC_KEYS.items():
-        block = spec[task]
-        if not isinstance(block, Mapping) or set(block) != set(keys):
-            raise ValueError(f"demo behaviour spec {task!r} needs exactly the keys {sorted(keys)}")
-        bad = [k for k in keys if not isinstance(block[k], (int, float)) or isinstance(block[k], bool) or block[k] < 0]
-        if bad or block["temperature"] <= 0 or block["n_participants"] < 1:
-            raise ValueError(f"demo behaviour spec {task!r}: key(s) {bad or ['temperature/n_participants']} out of "
-                             "range")
-    return dict(spec)
-
-
 def generate_behaviour(world: str | Path, out: str | Path, spec: Mapping[str, Any]) -> dict[str, Any]:
     """Write levels.pkl, category_learning.csv, reward_learning.csv, things_metadata.tsv and ground_truth.json."""
-    spec = validate_spec(spec)
+    spec = validate_behaviour(spec)
     out = Path(out)
     images = read_world(world)
-    with threadpool_limits(limits=1):            # many tiny fits: see metalign.evaluate.learning._sessions
+    with threadpool_limits(limits=1):            # many tiny fits: see metalign.behaviour.learning._sessions
         levels, levels_truth = simulate_levels(images, spec["levels"], spec["seed"])
         category, category_truth = simulate_category(images, spec["category"], spec["seed"])
         reward, reward_truth = simulate_reward(images, spec["reward"], spec["seed"])
@@ -270,17 +245,3 @@ def generate_behaviour(world: str | Path, out: str | Path, spec: Mapping[str, An
     truth = {"spec": spec, "levels": levels_truth, "category": category_truth, "reward": reward_truth}
     write_json(out / "ground_truth.json", truth)
     return truth
-
-
-def _cli(args: argparse.Namespace) -> None:
-    truth = generate_behaviour(args.world, args.out, json.loads(args.spec))
-    print(f"demo behaviour in {args.out}: Levels ideal-observer accuracy {truth['levels']['expected_accuracy']}")
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo-behaviour", help="simulated Levels, category and reward learning data",
-                                   description=__doc__)
-    parser.add_argument("--world", required=True, type=Path, help="demo world folder (from demo-world)")
-    parser.add_argument("--spec", required=True, help="the behaviour spec as JSON (config `demo.behaviour`)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.set_defaults(func=_cli)

@@ -3,7 +3,6 @@ exactly the code path of the real hub models."""
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,20 +29,3 @@ def save_tiny_vit(out_dir: str | Path, image_size: int = 64, patch_size: int = 8
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _cli(args: argparse.Namespace) -> None:
-    save_tiny_vit(args.out, image_size=args.image_size, patch_size=args.patch_size, hidden_size=args.hidden_size,
-                  layers=args.layers, heads=args.heads, seed=args.seed)
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo-vit", help="save the demo's random-init ViT in Hugging Face format")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--patch-size", type=int, default=8)
-    parser.add_argument("--hidden-size", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=_cli)

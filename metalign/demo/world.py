@@ -6,23 +6,21 @@ planted embedding is the ideal observer of the simulated triplets, so evaluation
 
 from __future__ import annotations
 
-import argparse
-import json
 import hashlib
 import io
-import math
 import shutil
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from metalign.demo.behaviour import max_unique_triplets, n_repeats, simulate_participants
-from metalign.demo.factors import SHAPES, TEXTURES, Concept, dimension_labels, n_combinations, planted_embedding, \
+from metalign.config.demo import n_repeats, validate_world
+from metalign.demo.behaviour import simulate_participants
+from metalign.demo.factors import SHAPES, TEXTURES, Concept, dimension_labels, planted_embedding, \
     sample_concepts
 from metalign.demo.render import Placement, render
 from metalign.demo.streams import stream_rng as _rng
@@ -44,50 +42,6 @@ class Stream(IntEnum):
 
 
 # ----------------------------------------------------------------------------------------------- spec
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, (float, np.floating))) and math.isfinite(value)
-
-
-_SPEC: dict[str, tuple[Callable[[Any], bool], Callable[[Any], bool], str]] = {
-    "seed": (_is_int, lambda v: v >= 0, "a non-negative integer"),
-    "n_concepts": (_is_int, lambda v: 3 <= v <= n_combinations(), f"an integer in [3, {n_combinations()}]"),
-    "images_per_concept": (_is_int, lambda v: 1 <= v <= 99, "an integer in [1, 99]"),
-    "image_size": (_is_int, lambda v: 16 <= v <= 1024, "an integer in [16, 1024]"),
-    "n_participants": (_is_int, lambda v: v >= 1, "a positive integer"),
-    "triplets_per_participant": (_is_int, lambda v: v >= 1, "a positive integer"),
-    "repeat_fraction": (_is_real, lambda v: 0 <= v <= 0.5, "a number in [0, 0.5]"),
-    "temperature": (_is_real, lambda v: v > 0, "a positive number"),
-    "coco_train": (_is_int, lambda v: 1 <= v <= 200_000, "an integer in [1, 200000]"),
-    "coco_val": (_is_int, lambda v: 1 <= v <= 200_000, "an integer in [1, 200000]"),
-}
-
-
-def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Checked, plain-typed copy of `spec`; a ValueError names the first missing, unknown or bad key."""
-    if not isinstance(spec, Mapping):
-        raise ValueError(f"demo spec must be a mapping, got {type(spec).__name__}")
-    unknown = sorted(set(spec) - set(_SPEC))
-    if unknown:
-        raise ValueError(f"demo spec has unknown key(s) {unknown}; expected {sorted(_SPEC)}")
-    clean: dict[str, Any] = {}
-    for key, (type_ok, range_ok, wanted) in _SPEC.items():
-        if key not in spec:
-            raise ValueError(f"demo spec is missing key {key!r}")
-        value = spec[key]
-        if not type_ok(value) or not range_ok(value):
-            raise ValueError(f"demo spec key {key!r} must be {wanted}, got {value!r}")
-        clean[key] = int(value) if type_ok is _is_int else float(value)
-    n_fresh = clean["triplets_per_participant"] - n_repeats(clean["triplets_per_participant"], clean["repeat_fraction"])
-    if n_fresh > max_unique_triplets(clean["n_concepts"]):
-        raise ValueError(f"demo spec key 'triplets_per_participant' needs {n_fresh} distinct triplets per participant "
-                         f"but {clean['n_concepts']} concepts give only {max_unique_triplets(clean['n_concepts'])}")
-    return clean
 
 
 # ----------------------------------------------------------------------------------------------- placements
@@ -227,7 +181,7 @@ def _claim(out_dir: Path, parts: tuple[str, ...]) -> None:
 
 def generate_world(out_dir: Path, spec: Mapping[str, Any]) -> dict[str, Any]:
     """Generate the demo world under `out_dir` and return its summary (also `out_dir/world.json`, written last)."""
-    spec = validate_spec(spec)
+    spec = validate_world(spec)
     out_dir = Path(out_dir)
     parts = ("things", "coco")
     _claim(out_dir, parts)
@@ -251,18 +205,3 @@ def generate_world(out_dir: Path, spec: Mapping[str, Any]) -> dict[str, Any]:
     }
     write_json(out_dir / "world.json", summary)
     return summary
-
-
-def _cli(args: argparse.Namespace) -> None:
-    summary = generate_world(Path(args.out), json.loads(args.spec))
-    print(f"demo world in {args.out}: {summary['things']['n_images']} THINGS images, "
-          f"{summary['things']['n_triplets']} triplets (expected accuracy {summary['expected_accuracy']:.3f}), "
-          f"{summary['coco']['n_train']}+{summary['coco']['n_val']} COCO images")
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo-world", help="generate the seeded demo world (THINGS + COCO formats)",
-                                   description=__doc__)
-    parser.add_argument("--spec", required=True, help="the world spec as JSON (config `demo.world`)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder (empty, or a previous demo world)")
-    parser.set_defaults(func=_cli)

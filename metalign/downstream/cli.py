@@ -20,7 +20,7 @@ from metalign.downstream.fewshot import evaluate_fewshot
 from metalign.downstream.imagenet_a import evaluate_imagenet_a
 from metalign.downstream.probe import ProbeConfig
 from metalign.downstream.shape_bias import evaluate_shape_bias
-from metalign.downstream.tables import build_table
+from metalign.downstream.tables import fewshot_table
 from metalign.io import DataContractError, library_versions, write_csv, write_json
 
 
@@ -64,7 +64,7 @@ def _write(path: str, summary: dict[str, Any], refs: dict[str, SplitRef]) -> Non
     write_json(path, {**summary, "inputs": provenance, "library_versions": library_versions()})
 
 
-def _fewshot(args: argparse.Namespace) -> None:
+def cmd_downstream_fewshot(args: argparse.Namespace) -> None:
     refs = {"train": _split(args, "train"), "test": _split(args, "test")}
     classes = args.classes
     if classes is not None and classes.lstrip().startswith("["):
@@ -74,7 +74,7 @@ def _fewshot(args: argparse.Namespace) -> None:
     _write(args.out, {"task": args.task, **summary}, refs)
 
 
-def _breeds_splits(args: argparse.Namespace) -> None:
+def cmd_downstream_breeds_splits(args: argparse.Namespace) -> None:
     hierarchy = read_hierarchy(args.class_info, args.class_hierarchy, args.node_names, args.root)
     tasks = make_tasks(hierarchy, _json_arg(args.tasks, "--tasks"), args.split, args.seed)
     write_json(args.out, {"split": args.split, "seed": args.seed, "root": args.root,
@@ -88,21 +88,21 @@ def _read_breeds_splits(path: str) -> list[BreedsTask]:
         raise DataContractError(f"cannot read BREEDS splits {path}: {err}") from None
 
 
-def _breeds(args: argparse.Namespace) -> None:
+def cmd_downstream_breeds(args: argparse.Namespace) -> None:
     refs = {"train": _split(args, "train"), "test": _split(args, "test")}
     summary = evaluate_breeds(_read_breeds_splits(args.splits), refs["train"], refs["test"], _probe(args),
                               args.l2_normalise)
     _write(args.out, {**summary, "splits": args.splits}, refs)
 
 
-def _imagenet_a(args: argparse.Namespace) -> None:
+def cmd_downstream_imagenet_a(args: argparse.Namespace) -> None:
     refs = {"train": _split(args, "train"), "test": _split(args, "test"), "shifted": _split(args, "shifted")}
     summary = evaluate_imagenet_a(refs["train"], refs["test"], refs["shifted"], args.train_per_class, args.seed,
                                   _probe(args), args.l2_normalise)
     _write(args.out, summary, refs)
 
 
-def _shape_bias(args: argparse.Namespace) -> None:
+def cmd_downstream_shape_bias(args: argparse.Namespace) -> None:
     refs = {"train": _split(args, "train"), "stimuli": _split(args, "stimuli")}
     categories = _json_arg(args.categories, "--categories")
     summary, decisions = evaluate_shape_bias(refs["train"], refs["stimuli"], categories, args.decision,
@@ -111,11 +111,11 @@ def _shape_bias(args: argparse.Namespace) -> None:
     _write(args.out_summary, {**summary, "categories": categories}, refs)
 
 
-def _table(args: argparse.Namespace) -> None:
-    write_csv(args.out, build_table(args.kind, args.summaries))
+def cmd_downstream_fewshot_table(args: argparse.Namespace) -> None:
+    write_csv(args.out, fewshot_table(args.summaries))
 
 
-def _figure(args: argparse.Namespace) -> None:
+def cmd_figure_downstream(args: argparse.Namespace) -> None:
     from metalign.downstream.figures import gain_figure  # matplotlib only for the job that draws
 
     tables = {Path(p).stem: pd.read_csv(p) for p in args.tables}
@@ -133,7 +133,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--l2-reg", type=float, required=True, help="ridge strength (big_vision: 2^10)")
     _add_common(p, probe=False)
     p.add_argument("--out", required=True)
-    p.set_defaults(func=_fewshot)
+    p.set_defaults(func=cmd_downstream_fewshot)
 
     p = subparsers.add_parser("downstream-breeds-splits", help="BREEDS source/target subclass splits")
     p.add_argument("--class-info", required=True, help="dataset_class_info.json")
@@ -144,7 +144,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["rand", "good", "bad"], default="rand")
     p.add_argument("--seed", type=int, default=2)
     p.add_argument("--out", required=True)
-    p.set_defaults(func=_breeds_splits)
+    p.set_defaults(func=cmd_downstream_breeds_splits)
 
     p = subparsers.add_parser("downstream-breeds", help="BREEDS probes: source and target accuracy")
     p.add_argument("--splits", required=True, help="output of downstream-breeds-splits")
@@ -152,7 +152,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_split(p, "test", "ImageNet validation")
     _add_common(p)
     p.add_argument("--out", required=True)
-    p.set_defaults(func=_breeds)
+    p.set_defaults(func=cmd_downstream_breeds)
 
     p = subparsers.add_parser("downstream-imagenet-a", help="ImageNet probe scored on ImageNet-A (200-class mask)")
     _add_split(p, "train", "ImageNet training")
@@ -162,7 +162,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the per-class training subset")
     _add_common(p)
     p.add_argument("--out", required=True)
-    p.set_defaults(func=_imagenet_a)
+    p.set_defaults(func=cmd_downstream_imagenet_a)
 
     p = subparsers.add_parser("downstream-shape-bias", help="shape vs texture decisions on cue-conflict stimuli")
     _add_split(p, "train", "category training")
@@ -174,16 +174,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_common(p)
     p.add_argument("--out-summary", required=True)
     p.add_argument("--out-decisions", required=True)
-    p.set_defaults(func=_shape_bias)
+    p.set_defaults(func=cmd_downstream_shape_bias)
 
-    p = subparsers.add_parser("downstream-table", help="collect downstream summaries into one CSV")
-    p.add_argument("--kind", choices=["fewshot", "summary"], required=True)
-    p.add_argument("--summaries", nargs="+", required=True, help="…/<backbone>/<variant>.json")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=_table)
+    p = subparsers.add_parser("downstream-fewshot-table",
+                              help="few-shot summaries → one row per backbone × variant, a column per task and shot")
+    p.add_argument("--summaries", nargs="+", required=True, help="fewshot/<task>/<backbone>/<variant>.json files")
+    p.add_argument("--out", required=True, help="the table (CSV)")
+    p.set_defaults(func=cmd_downstream_fewshot_table)
 
     p = subparsers.add_parser("figure-downstream", help="alignment gain vs downstream change per backbone")
     p.add_argument("--alignment", required=True, help="alignment/things_ooo.csv")
     p.add_argument("--tables", nargs="+", required=True, help="downstream/<name>.csv (fewshot, breeds, …)")
     p.add_argument("--out", required=True)
-    p.set_defaults(func=_figure)
+    p.set_defaults(func=cmd_figure_downstream)

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from metalign.config.downstream import category_of
 from metalign.downstream.data import SplitRef, load_rows, read_features, sample_per_class, take_shots
 from metalign.downstream.probe import ProbeConfig
 from metalign.io import DataContractError
@@ -55,18 +56,6 @@ def shape_bias(shape: Sequence[str], texture: Sequence[str], decision: Sequence[
         "n_shape": n_shape, "n_texture": n_texture, "n_conflict": n_conflict,
         "n_same_cue_excluded": int(len(shape) - n_conflict),
     }
-
-
-def category_of(categories: Mapping[str, Sequence[str]]) -> dict[str, str]:
-    """Training class → category; a class listed under two categories is an error."""
-    owner: dict[str, str] = {}
-    for category, members in categories.items():
-        for member in members:
-            if member in owner:
-                raise DataContractError(f"shape-bias categories: class {member!r} is listed under both "
-                                        f"{owner[member]!r} and {category!r}")
-            owner[member] = category
-    return owner
 
 
 def evaluate_shape_bias(train: SplitRef, stimuli: SplitRef, categories: Mapping[str, Sequence[str]], rule: str,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from metalign.io import DataContractError
-from metalign.report.tables import summary_table
+from metalign.results import summary_table
 
 KEYS = ["backbone", "variant", "representation"]
 SHOT_COLUMN = re.compile(r"^acc_(\d+)shot(_sd)?$")
@@ -29,11 +29,3 @@ def fewshot_table(paths: list[str | Path]) -> pd.DataFrame:
     task_columns = [f"{t}_{k}shot{sd}" for t in sorted(long["task"].unique()) for k in shots for sd in ("", "_sd")]
     table = means.join(wide[[c for c in task_columns if c in wide.columns]]).reset_index()
     return table.sort_values(["backbone", "representation", "variant"], kind="stable").reset_index(drop=True)
-
-
-def build_table(kind: str, paths: list[str | Path]) -> pd.DataFrame:
-    if kind == "fewshot":
-        return fewshot_table(paths)
-    if kind == "summary":
-        return summary_table(paths)
-    raise ValueError(f"unknown table kind {kind!r}; known: fewshot, summary")

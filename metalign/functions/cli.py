@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int, default=1234)
     train.add_argument("--device", default="cpu")
     train.add_argument("--metrics", type=Path, help="optional JSON with explained variance, alive fraction, loss trace")
-    train.set_defaults(func=run_train)
+    train.set_defaults(func=cmd_sae_train)
 
     imported = subparsers.add_parser("sae-import", help="convert a pretrained ViT-Prisma legacy weights.pt to our SAE format")
     imported.add_argument("--weights", type=Path, required=True, help="legacy single-file SAE (cfg + state_dict)")
@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     imported.add_argument("--k", type=int, help="active latents; required if the file's config does not state it")
     imported.add_argument("--repo", help="where the weights came from (recorded)")
     imported.add_argument("--revision", help="revision of --repo (recorded)")
-    imported.set_defaults(func=run_import)
+    imported.set_defaults(func=cmd_sae_import)
 
     encode = subparsers.add_parser("sae-encode", help="encode features with an SAE and select functions")
     encode.add_argument("--sae", type=Path, required=True)
@@ -49,22 +49,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_selection_args(encode)
     encode.add_argument("--batch-size", type=int, default=1024)
     encode.add_argument("--device", default="cpu")
-    encode.set_defaults(func=run_encode)
-
-    select = subparsers.add_parser("functions-select",
-                                   help="select functions on an existing code file (e.g. Prisma codes from extraction)")
-    select.add_argument("--codes", type=Path, required=True, help="HDF5 with `indices`, `values`, `ids`, attr d_sae")
-    select.add_argument("--out", type=Path, required=True)
-    _add_selection_args(select)
-    select.set_defaults(func=run_select)
+    encode.set_defaults(func=cmd_sae_encode)
 
     neurons = subparsers.add_parser("functions-neurons",
-                                    help="the dimensions of a representation as functions (median split, protocols §3)")
+                                    help="the dimensions of a representation as functions (median split, docs/methods.md §3)")
     neurons.add_argument("--features", type=Path, required=True)
     _add_output_arg(neurons)
     neurons.add_argument("--out", type=Path, required=True)
     _add_selection_args(neurons)
-    neurons.set_defaults(func=run_neurons)
+    neurons.set_defaults(func=cmd_functions_neurons)
 
     subset = subparsers.add_parser("functions-subset", help="a fraction of a function file's functions (links, no copy)")
     subset.add_argument("--parent", type=Path, required=True, help="function file to choose from")
@@ -73,12 +66,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     how = subset.add_mutually_exclusive_group()
     how.add_argument("--seed", type=int, help="random subset drawn with this seed")
     how.add_argument("--similarity", choices=LEVELS, help="subset with a low, medium or high mean pairwise similarity")
-    subset.set_defaults(func=run_subset)
+    subset.set_defaults(func=cmd_functions_subset)
 
     summary = subparsers.add_parser("functions-summary", help="one CSV row per function file (size, achieved similarity)")
     summary.add_argument("--inputs", type=Path, nargs="+", required=True, help="files functions/<set>/<split>.h5")
     summary.add_argument("--out", type=Path, required=True)
-    summary.set_defaults(func=run_summary)
+    summary.set_defaults(func=cmd_functions_summary)
 
 
 def _add_output_arg(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +98,7 @@ def _source(path: Path, ids: list[str], attrs: dict[str, Any]) -> dict[str, Any]
     return {"path": str(path), "n_rows": len(ids), "ids_sha256": digest, "attrs": attrs}
 
 
-def run_train(args: argparse.Namespace) -> None:
+def cmd_sae_train(args: argparse.Namespace) -> None:
     features, ids, attrs = read_features(args.features, args.output)
     sae, metrics = train_sae(features, args.expansion, args.k, args.steps, args.batch_size, args.lr, args.seed,
                              device=args.device)
@@ -114,13 +107,13 @@ def run_train(args: argparse.Namespace) -> None:
         write_json(args.metrics, metrics)
 
 
-def run_import(args: argparse.Namespace) -> None:
+def cmd_sae_import(args: argparse.Namespace) -> None:
     sae, meta = load_pretrained_sae(args.weights, args.k)
     meta["pretrained"] |= {"repo": args.repo, "revision": args.revision}
     save_sae(args.out, sae, meta)
 
 
-def run_encode(args: argparse.Namespace) -> None:
+def cmd_sae_encode(args: argparse.Namespace) -> None:
     sae, meta = load_sae(args.sae)
     features, ids, attrs = read_features(args.features, args.output)
     if features.shape[1] != sae.d_in:
@@ -135,17 +128,7 @@ def run_encode(args: argparse.Namespace) -> None:
     write_codes(args.out, ids, indices, values, sae.d_sae, args.min_nonzero, args.sl, provenance)
 
 
-def run_select(args: argparse.Namespace) -> None:
-    arrays, ids, attrs = read_h5(args.codes, ["indices", "values"])
-    if "d_sae" not in attrs:
-        raise DataContractError(f"{args.codes} lacks attribute 'd_sae' (it must come from the SAE weights, P-5)")
-    sae = {key: value for key, value in attrs.items() if key.startswith("sae") or key in ("d_sae", "k", "layer", "hook")}
-    provenance = {"source": _source(args.codes, ids, attrs), "sae": sae}
-    write_codes(args.out, ids, arrays["indices"], arrays["values"], int(attrs["d_sae"]), args.min_nonzero, args.sl,
-                provenance)
-
-
-def run_neurons(args: argparse.Namespace) -> None:
+def cmd_functions_neurons(args: argparse.Namespace) -> None:
     features, ids, attrs = read_features(args.features, args.output)
     write_neurons(args.out, ids, features, args.min_nonzero, args.sl,
                   {"source": _source(args.features, ids, attrs), "layer": _layer(attrs)})
@@ -157,7 +140,7 @@ def _layer(attrs: dict[str, Any]) -> Any:
     return int(output.removeprefix("layer_")) if output.startswith("layer_") else attrs.get("layer")
 
 
-def run_subset(args: argparse.Namespace) -> None:
+def cmd_functions_subset(args: argparse.Namespace) -> None:
     if args.fraction == 1.0 and args.seed is None and args.similarity is None:
         write_subset(args.parent, args.out, None, {"method": "all", "fraction": 1.0})
         return
@@ -165,7 +148,7 @@ def run_subset(args: argparse.Namespace) -> None:
     write_subset(args.parent, args.out, positions, record)
 
 
-def run_summary(args: argparse.Namespace) -> None:
+def cmd_functions_summary(args: argparse.Namespace) -> None:
     rows = []
     for path in args.inputs:
         codes = read_codes(path)

@@ -6,7 +6,7 @@ the kept functions (group `functions/`: `latent_id` (F) int64 ascending column i
 
 * `sparse` (SAE codes): `indices` (N, k) int32 ascending per row, `values` (N, k) float32. Label 1[a ≠ 0], magnitude a;
   mean/std over the non-zero values.
-* `neurons` (dense dimensions of a representation, protocols §3): `targets` (N, D) float32 magnitudes x − t_j and
+* `neurons` (dense dimensions of a representation, docs/methods.md §3): `targets` (N, D) float32 magnitudes x − t_j and
   group `columns/` with `threshold` (D) and `dense` (D) bool. A column is dense unless more than half its values are
   zero; dense: t_j = median over this split, label 1[x > t_j], the magnitude is fitted on every row; sparse: t_j = 0,
   label 1[x ≠ 0], the magnitude is fitted on positives. mean/std are over the rows whose magnitude is fitted.
@@ -58,7 +58,7 @@ def _check_ids(ids: list[str], n_rows: int, source: str) -> None:
 
 
 def neuron_targets(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(targets x − t, threshold t (D,), dense (D,) bool) of a feature matrix, following protocols §3."""
+    """(targets x − t, threshold t (D,), dense (D,) bool) of a feature matrix, following docs/methods.md §3."""
     X = np.asarray(X, dtype=np.float32)
     dense = (X == 0).mean(axis=0) <= 0.5
     threshold = np.where(dense, np.median(X, axis=0), 0.0).astype(np.float32)

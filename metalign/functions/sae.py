@@ -1,4 +1,4 @@
-"""Top-k sparse autoencoder: the encoder of protocols.md §2, a short trainer, and weights-only checkpoints.
+"""Top-k sparse autoencoder: the encoder of docs/methods.md §2, a short trainer, and weights-only checkpoints.
 
 The encoder is a function of the weight tensors so that our own SAEs and pretrained Prisma SAEs
 (dicts with W_enc/b_enc/W_dec/b_dec) produce codes through exactly the same code path.

@@ -1,4 +1,4 @@
-"""Per-latent statistics from fixed-width codes and the choice of training/evaluation functions (protocols.md §3).
+"""Per-latent statistics from fixed-width codes and the choice of training/evaluation functions (docs/methods.md §3).
 
 Everything works on the (N, k) index/value arrays: a dense (N, d_sae) matrix is never built (P-41).
 """

@@ -9,7 +9,6 @@ never padded. Models run in fp32, evaluation mode.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,12 @@ import h5py
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from metalign.functions.codes import Codes, read_codes  # noqa: E402
-from metalign.io import atomic_path, file_sha256, library_versions, read_attrs, set_attrs  # noqa: E402
-from metalign.train.checkpoint import load_checkpoint  # noqa: E402
-from metalign.train.cli import resolve_device  # noqa: E402
-from metalign.train.data import Features, aligned_features, read_features  # noqa: E402
+from metalign.functions.codes import Codes  # noqa: E402
+from metalign.io import atomic_path, library_versions, set_attrs  # noqa: E402
+from metalign.train.data import Features, aligned_features  # noqa: E402
 from metalign.train.model import model_from_checkpoint  # noqa: E402
 from metalign.train.sampler import EpisodeSampler  # noqa: E402
 
@@ -91,55 +87,3 @@ def write_icl(path: str | Path, result: dict[str, Any], ids: list[str], attrs: d
                                                                          episodes.labels, ids),
                                "n_episodes": len(episodes.rows), "sl": int(episodes.rows.shape[1]),
                                "library_versions": library_versions()})
-
-
-def run_icl(args: argparse.Namespace) -> None:
-    ckpt = load_checkpoint(args.ckpt)
-    codes = read_codes(args.codes)
-    result = icl_curves(ckpt, read_features(args.features), codes, args.n_per_function, args.seed, args.batch_size,
-                        resolve_device(args.device), source=str(args.ckpt))
-    write_icl(args.out, result, codes.ids, {
-        "checkpoint": str(args.ckpt), "checkpoint_sha256": file_sha256(args.ckpt), "checkpoint_step": ckpt["step"],
-        "model_config": ckpt["model_config"], "features": str(args.features), "codes": str(args.codes),
-        "n_per_function": args.n_per_function, "seed": args.seed, "sigma_m": ckpt["sigma_m"],
-        "curves": "acc: token accuracy; mse_pos: MSE over positive tokens; mse_all: MSE over all tokens (raw units)",
-    })
-
-
-def icl_figure(paths: list[str | Path], out: str | Path) -> None:
-    """Accuracy, positive-token MSE and all-token MSE against position, one line per backbone/variant."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for path in map(Path, paths):
-        with h5py.File(path, "r") as handle:
-            curves = {name: handle[name][:] for name in CURVES}
-            n_episodes = read_attrs(handle)["n_episodes"]
-        label = f"{path.parent.name}/{path.stem} (n={n_episodes})"
-        for ax, name in zip(axes, CURVES):
-            ax.plot(np.arange(1, len(curves[name]) + 1), curves[name], label=label)
-    for ax, ylabel in zip(axes, ("accuracy", "MSE, positive tokens", "MSE, all tokens")):
-        ax.set_xlabel("position in episode")
-        ax.set_ylabel(ylabel)
-    axes[0].axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    axes[0].legend(frameon=False, fontsize=7)
-    fig.suptitle("In-context learning of held-out functions (fixed evaluation episodes)")
-    with atomic_path(out, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    icl = subparsers.add_parser("icl-eval", help="per-position ICL accuracy and MSE on held-out functions")
-    icl.add_argument("--ckpt", type=Path, required=True)
-    icl.add_argument("--features", type=Path, required=True, help="evaluation split features (HDF5)")
-    icl.add_argument("--codes", type=Path, required=True, help="evaluation split function file")
-    icl.add_argument("--out", type=Path, required=True)
-    icl.add_argument("--n-per-function", type=int, default=20, help="episodes per held-out function")
-    icl.add_argument("--seed", type=int, default=1234, help="seed of the fixed episodes (keep equal across models)")
-    icl.add_argument("--batch-size", type=int, default=1024)
-    icl.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    icl.set_defaults(func=run_icl)
-
-    figure = subparsers.add_parser("figure-icl", help="ICL curves of several checkpoints")
-    figure.add_argument("--inputs", nargs="+", required=True, help="files written by icl-eval")
-    figure.add_argument("--out", required=True)
-    figure.set_defaults(func=lambda a: icl_figure(a.inputs, a.out))

@@ -1,4 +1,4 @@
-"""Training loop (protocols §7): schedule-free AdamW, fixed validation episodes, selection score, early stopping.
+"""Training loop (docs/methods.md §7): schedule-free AdamW, fixed validation episodes, selection score, early stopping.
 
 Resumable: every `checkpoint_every` steps the full training state (weights, optimiser, best model so far, early-stop
 counter, metric rows) goes to `<out_ckpt stem>.last.pt`. Episodes and dropout masks are seeded per (rank, step), so a
@@ -36,7 +36,7 @@ from tqdm import tqdm
 from metalign.functions.codes import Codes
 from metalign.io import DataContractError, library_versions, write_csv
 from metalign.train.checkpoint import MODEL_FORMAT, STATE_FORMAT, load_checkpoint, plain_state_dict, save_checkpoint
-from metalign.train.config import TrainConfig
+from metalign.config.model import TrainConfig
 from metalign.train.data import Features, aligned_features
 from metalign.train.distributed import Context, all_sum, barrier, gather, setup, teardown
 from metalign.train.model import ModelConfig, build_model, hurdle_objective, parameter_groups
@@ -244,7 +244,7 @@ def _evaluate(model: nn.Module, forward: Callable, task: Any, batch_size: int, a
 
 
 def _select(state: _State, step: int, scores: dict[str, float], config: TrainConfig) -> tuple[bool, bool]:
-    """Best-model and early-stopping bookkeeping (protocols §7); returns (save as best, stop).
+    """Best-model and early-stopping bookkeeping (docs/methods.md §7); returns (save as best, stop).
 
     Any increase of S saves a new best. Early stopping is active only when step >= min_step and the current
     accuracy >= min_acc; then an evaluation that does not beat the best S by more than min_delta counts towards

@@ -1,4 +1,4 @@
-"""The meta-learners (protocols §5, §6, §8) and their evaluated representation `encode(x)`.
+"""The meta-learners (docs/methods.md §5, §6, §8) and their evaluated representation `encode(x)`.
 
 Sequence models read episode tokens z_t = [m_{t-1}/sigma_m, x_t] through a causal core (`transformer`: RoPE
 attention blocks; `lstm`), a final LayerNorm and two heads (binary logit, magnitude). `no_embed` drops the embed
@@ -19,36 +19,24 @@ from torch.nn import functional as F
 
 from metalign.io import DataContractError
 from metalign.train.checkpoint import load_checkpoint
-from metalign.train.config import MODEL_TYPES, SEQUENCE_TYPES
+from metalign.config.model import SEQUENCE_TYPES, ModelSettings
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    d_in: int                     # backbone feature dimension D
-    hidden: int | None = None     # width H of the embedding and the core; None = D (upstream)
-    n_layers: int = 1
-    n_heads: int = 16             # transformer only
-    use_mlp: bool = False         # transformer only
-    mlp_size: int = 3072
-    dropout: float = 0.1          # attention dropout (training only)
-    rope_base: float = 10_000.0
-    model_type: str = "transformer"
-    no_embed: bool = False        # sequence models without an embed layer (ICL curves only)
+class ModelConfig(ModelSettings):
+    """What a checkpoint is built from: the architecture keys plus the sizes the data fixes."""
+
+    d_in: int = 0                   # backbone feature dimension D
     n_functions: int | None = None  # static_linear: number of training functions (output heads)
 
     def __post_init__(self) -> None:
+        if self.d_in < 1:
+            raise ValueError(f"model config: d_in must be >= 1, got {self.d_in}")
         if self.hidden is None:
             object.__setattr__(self, "hidden", self.d_in)
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type {self.model_type!r} is not implemented; known: {list(MODEL_TYPES)}")
-        if self.d_in < 1 or self.hidden < 1 or self.n_layers < 1 or self.n_heads < 1:
-            raise ValueError(f"model config: d_in, hidden, n_layers and n_heads must be >= 1: {self}")
-        if self.model_type == "transformer" and (self.hidden % self.n_heads or (self.hidden // self.n_heads) % 2):
-            raise ValueError(f"model config: hidden ({self.hidden}) / n_heads ({self.n_heads}) must be an even "
-                             "integer (RoPE rotates pairs of head dimensions)")
-        if self.no_embed and (self.model_type not in SEQUENCE_TYPES or self.hidden != self.d_in):
-            raise ValueError(f"model config: no_embed needs a sequence model with hidden = d_in = {self.d_in} "
-                             f"(got model_type {self.model_type!r}, hidden {self.hidden})")
+        super().__post_init__()
+        if self.no_embed and self.hidden != self.d_in:
+            raise ValueError(f"model config: no_embed needs hidden = d_in = {self.d_in} (got hidden {self.hidden})")
         if (self.model_type == "static_linear") != (self.n_functions is not None):
             raise ValueError("model config: n_functions is set for (and only for) static_linear")
         if self.n_functions is not None and self.n_functions < 1:
@@ -145,7 +133,7 @@ CORES: dict[str, Callable[[ModelConfig], nn.Module]] = {"transformer": Transform
 
 
 def hurdle_objective(bce: torch.Tensor, mse: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """L = exp(-s1)·BCE + 0.5·exp(-s2)·MSE + 0.5·(s1 + s2) (protocols §6; Kendall-style weights)."""
+    """L = exp(-s1)·BCE + 0.5·exp(-s2)·MSE + 0.5·(s1 + s2) (docs/methods.md §6; Kendall-style weights)."""
     s1, s2 = log_var[0], log_var[1]
     return torch.exp(-s1) * bce + 0.5 * torch.exp(-s2) * mse + 0.5 * (s1 + s2)
 
@@ -205,10 +193,10 @@ class MetaLearner(HurdleModel):
         return self.logit_head(h).squeeze(-1), self.mag_head(h).squeeze(-1) * self.sigma_m
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The evaluated representation (protocols §8): embed([0, x]), an affine map R^D -> R^H."""
+        """The evaluated representation (docs/methods.md §8): embed([0, x]), an affine map R^D -> R^H."""
         if self.config.no_embed:
             raise ValueError("a model without an embed layer (no_embed=true) has no representation to encode "
-                             "(protocols §8); use it for in-context-learning curves only")
+                             "(docs/methods.md §8); use it for in-context-learning curves only")
         return self.embed(F.pad(x, (1, 0)))
 
 
@@ -244,7 +232,7 @@ def build_model(config: ModelConfig, sigma_m: float | Sequence[float]) -> Hurdle
 
 
 def parameter_groups(model: HurdleModel, weight_decay: float, decay_embed: bool = False) -> list[dict[str, Any]]:
-    """The loss weights s1, s2 are never decayed; the representation (`embed`, protocols §7) only if decay_embed
+    """The loss weights s1, s2 are never decayed; the representation (`embed`, docs/methods.md §7) only if decay_embed
     (P-27: otherwise weight decay never reaches the evaluated layer); the rest is decayed."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -266,7 +254,7 @@ def encoder_from_checkpoint(ckpt: Mapping[str, Any], source: str, batch_size: in
     d_in, hidden = model.config.d_in, model.config.hidden
     if model.config.no_embed:
         raise ValueError(f"{source}: variant trained with no_embed=true has no embed layer, so encode() is undefined "
-                         "(protocols §8); it is evaluated by in-context-learning curves only")
+                         "(docs/methods.md §8); it is evaluated by in-context-learning curves only")
 
     @torch.no_grad()
     def encode(features: np.ndarray) -> np.ndarray:
@@ -284,5 +272,5 @@ def encoder_from_checkpoint(ckpt: Mapping[str, Any], source: str, batch_size: in
 
 def load_encoder(ckpt_path: str | Path, batch_size: int = 4096,
                  device: str | torch.device = "cpu") -> Callable[[np.ndarray], np.ndarray]:
-    """(N, D) features -> (N, H) float32 meta representations, in fp32 without gradients (protocols §8)."""
+    """(N, D) features -> (N, H) float32 meta representations, in fp32 without gradients (docs/methods.md §8)."""
     return encoder_from_checkpoint(load_checkpoint(ckpt_path), str(ckpt_path), batch_size, device)

@@ -1,4 +1,4 @@
-"""Episodes (protocols §4): one kept function j, sl images, n_pos ~ round(N(sl/2, sl/20)) of them positives of j.
+"""Episodes (docs/methods.md §4): one kept function j, sl images, n_pos ~ round(N(sl/2, sl/20)) of them positives of j.
 
 Per-function positive lists are built once in CSR form (memory O(nnz), never a dense N x F matrix, P-41). An episode
 costs O(sl): the positives of a function with at most KEYED_NNZ·sl of them are its n_pos smallest under one random key
@@ -8,7 +8,7 @@ batch. Rejection looks a row up in a hashed bitmap of all (function, row) pairs 
 list only on a hit. Every draw comes from a generator seeded by (seed, stream, rank, step, block), so episodes are
 reproducible, independent of call order (resume) and of the number of sampler threads, and differ across ranks (P-15).
 
-Dense targets (neurons, protocols §3) add an (N, F) magnitude matrix: negatives then carry magnitudes too
+Dense targets (neurons, docs/methods.md §3) add an (N, F) magnitude matrix: negatives then carry magnitudes too
 (x − median ≤ 0), membership is read from it in O(1), and the magnitude of a dense function is fitted on every token
 (`mse_mask`), that of a sparse one on positives only (§6).
 """
@@ -107,7 +107,7 @@ class EpisodeSampler:
         return len(self.latent_id)
 
     def magnitude_std(self) -> float:
-        """sigma_m (protocols §4): population std of the fitted magnitudes of the kept functions (positives of sparse
+        """sigma_m (docs/methods.md §4): population std of the fitted magnitudes of the kept functions (positives of sparse
         functions, every row of dense ones)."""
         if self.dense is None:
             return float(np.std(self.mags, dtype=np.float64))

@@ -15,7 +15,7 @@ import torch
 
 from metalign.functions.codes import Codes
 from metalign.io import DataContractError
-from metalign.train.config import TrainConfig
+from metalign.config.model import TrainConfig
 from metalign.train.sampler import EpisodeSampler
 
 _TRAIN_STREAM = 0
@@ -32,7 +32,7 @@ class Step(NamedTuple):
 
 
 class EpisodeTask:
-    """Sequence models: B episodes of sl tokens, each of one function (protocols §4)."""
+    """Sequence models: B episodes of sl tokens, each of one function (docs/methods.md §4)."""
 
     def __init__(self, config: TrainConfig, x_train: np.ndarray, codes_train: Codes, x_val: np.ndarray,
                  codes_val: Codes, rank: int, world: int, device: torch.device):

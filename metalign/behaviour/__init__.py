@@ -1,0 +1,1 @@
+"""Evaluations of representations against human data (docs/methods.md §9)."""

@@ -1,0 +1,38 @@
+"""The config schema and the merged `train` block of a variant: the two things every stage's config check needs."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import jsonschema
+import yaml
+
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key path."""
+
+
+@cache
+def _schema_text() -> str:
+    return SCHEMA.read_text()
+
+
+def load_schema() -> dict[str, Any]:
+    return yaml.safe_load(_schema_text())
+
+
+def variant_params(config: Mapping[str, Any], variant: str) -> dict[str, Any]:
+    """The `train` defaults overridden by the variant's own keys, validated as one `train` block."""
+    merged = {**config["train"], **{k: v for k, v in config["variants"][variant].items() if k != "function_set"}}
+    schema = load_schema()
+    train_schema = {**schema["properties"]["train"], "$defs": schema["$defs"]}
+    try:
+        jsonschema.validate(merged, train_schema)
+    except jsonschema.ValidationError as err:
+        where = ".".join(str(p) for p in err.absolute_path)
+        raise ConfigError(f"variants.{variant}.{where}: {err.message}") from None
+    return merged

@@ -1,0 +1,79 @@
+"""Demo world commands: each writes one part of the demo world in the real datasets' file formats."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from metalign.demo import fmri, labelled, learning, world
+
+
+def cmd_demo_world(args: argparse.Namespace) -> None:
+    summary = world.generate_world(Path(args.out), json.loads(args.spec))
+    print(f"demo world in {args.out}: {summary['things']['n_images']} THINGS images, "
+          f"{summary['things']['n_triplets']} triplets (expected accuracy {summary['expected_accuracy']:.3f}), "
+          f"{summary['coco']['n_train']}+{summary['coco']['n_val']} COCO images")
+
+
+def cmd_demo_vit(args: argparse.Namespace) -> None:
+    from metalign.demo.models import save_tiny_vit  # torch and transformers only for this job
+
+    save_tiny_vit(args.out, image_size=args.image_size, patch_size=args.patch_size,
+                  hidden_size=args.hidden_size, layers=args.layers, heads=args.heads, seed=args.seed)
+
+
+def cmd_demo_behaviour(args: argparse.Namespace) -> None:
+    truth = learning.generate_behaviour(args.world, args.out, json.loads(args.spec))
+    print(f"demo behaviour in {args.out}: Levels ideal-observer accuracy {truth['levels']['expected_accuracy']}")
+
+
+def cmd_demo_fmri(args: argparse.Namespace) -> None:
+    summary = fmri.generate(args.world, args.out, json.loads(args.spec))
+    print(f"demo fMRI in {args.out}: {len(summary['things_fmri'])} THINGS-fMRI and {len(summary['bold5000'])} "
+          "BOLD5000 subjects")
+
+
+def cmd_demo_labelled(args: argparse.Namespace) -> None:
+    spec = json.loads(Path(args.world).read_text())["spec"]
+    summary = labelled.generate_labelled(Path(args.out), json.loads(args.spec), int(spec["image_size"]))
+    print(f"labelled demo sets in {args.out}: " + ", ".join(f"{k} {v}" for k, v in summary["counts"].items()))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo-world", help="generate the seeded demo world (THINGS + COCO formats)",
+                                   description=world.__doc__)
+    parser.add_argument("--spec", required=True, help="the world spec as JSON (config `demo.world`)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (empty, or a previous demo world)")
+    parser.set_defaults(func=cmd_demo_world)
+
+    parser = subparsers.add_parser("demo-vit", help="save the demo's random-init ViT in Hugging Face format")
+    parser.add_argument("--out", required=True, help="model folder (config.json + weights)")
+    parser.add_argument("--image-size", type=int, default=64, help="input side in pixels")
+    parser.add_argument("--patch-size", type=int, default=8, help="patch side in pixels")
+    parser.add_argument("--hidden-size", type=int, default=64, help="token width")
+    parser.add_argument("--layers", type=int, default=2, help="transformer blocks")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads per block")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    parser.set_defaults(func=cmd_demo_vit)
+
+    parser = subparsers.add_parser("demo-behaviour", help="simulated Levels, category and reward learning data",
+                                   description=learning.__doc__)
+    parser.add_argument("--world", required=True, type=Path, help="demo world folder (from demo-world)")
+    parser.add_argument("--spec", required=True, help="the behaviour spec as JSON (config `demo.behaviour`)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.set_defaults(func=cmd_demo_behaviour)
+
+    parser = subparsers.add_parser("demo-fmri", help="simulate fMRI subjects on the demo world (THINGS-fMRI and "
+                                   "BOLD5000 file formats)", description=fmri.__doc__)
+    parser.add_argument("--world", required=True, type=Path, help="the demo world folder (demo-world --out)")
+    parser.add_argument("--spec", required=True, help="the fMRI spec as JSON (config `demo.fmri`)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.set_defaults(func=cmd_demo_fmri)
+
+    parser = subparsers.add_parser("demo-labelled", help="labelled demo image sets in real downstream layouts",
+                                   description=labelled.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world", required=True, help="the demo world's world.json (its image size is reused)")
+    parser.add_argument("--spec", required=True, help="JSON spec (config `demo.labelled`)")
+    parser.add_argument("--out", required=True, help="output folder (empty, or a previous labelled demo)")
+    parser.set_defaults(func=cmd_demo_labelled)

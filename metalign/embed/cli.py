@@ -1,0 +1,31 @@
+"""`extract`: embed a manifest's images with one backbone into one HDF5 file (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from metalign.embed.extract import extract
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the job's CPU allotment, not every core of the node
+    entry = json.loads(args.backbone)
+    extract(entry, args.manifest, args.out, batch_size=args.batch_size, num_workers=args.workers,
+            device=args.device, amp=args.amp)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("extract", help="embed a manifest's images with one backbone → HDF5")
+    parser.add_argument("--backbone", required=True, help="the backbone's registry entry as JSON (with its name)")
+    parser.add_argument("--manifest", required=True, help="the image set's manifest (CSV): the row order")
+    parser.add_argument("--out", required=True, help="the embedding file (HDF5: features, ids, provenance)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--workers", type=int, default=0, help="image-decoding worker processes (0: in process)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (validate first: docs/methods.md §1.3)")
+    parser.set_defaults(func=cmd_extract)

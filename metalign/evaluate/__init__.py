@@ -1,1 +1,0 @@
-"""Evaluations of representations against human data (protocols.md §9)."""

@@ -1,1 +1,0 @@
-"""Tables and figures derived only from pipeline outputs (P-65)."""

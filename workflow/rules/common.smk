@@ -1,0 +1,181 @@
+# Helpers every rule file uses: result paths, JSON params, and the wildcard-to-input functions of each stage.
+# Rule files hold rules only (snakemake --lint); the config is checked once, in the Snakefile, before this runs.
+
+import json
+import os
+import re
+import sys
+
+from metalign.config.functions import members, resolve_function_sets
+from metalign.config.model import has_representation
+from metalign.config.schema import variant_params
+
+R = config["results"]
+RES = config["resources"]
+BACKBONES = list(config["backbones"])
+VARIANTS = list(config["variants"])
+ENCODED = [v for v in VARIANTS if has_representation(variant_params(config, v))]  # noemb: no encode() (§8)
+REPRESENTATIONS = ["base"] + ENCODED
+# Jobs call `python3 -m metalign …` with this interpreter first on PATH: the shell commands name no machine path.
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+
+
+def as_json(value) -> str:
+    """Quote a config value for a shell argument; it is also a rule param, so editing it makes the job stale."""
+    return "'" + json.dumps(value, sort_keys=True).replace("'", "'\\''") + "'"
+
+
+def stable(entry: dict) -> dict:
+    """A dict param in key order, so that reordering keys in a config file does not make a job stale."""
+    return {key: entry[key] for key in sorted(entry)}
+
+
+def features_path(dataset: str, backbone: str, variant: str) -> str:
+    """Backbone features for variant "base", the variant's meta-learned representation otherwise."""
+    if variant == "base":
+        return f"{R}/embeddings/{dataset}/{backbone}.h5"
+    return f"{R}/representations/{dataset}/{backbone}/{variant}.h5"
+
+
+def features_of(dataset: str):
+    """Input function: the features of `dataset` for the job's backbone and variant wildcards."""
+    return lambda wc: features_path(dataset, wc.backbone, wc.variant)
+
+
+def _download_outputs(item: str, spec: dict) -> dict:
+    single_file = "url" in spec and ("archive" not in spec or "file" in spec["archive"])
+    return {"receipt": f"{RES}/downloads/{item}.json", **({"file": f"{RES}/{spec['dest']}"} if single_file else {})}
+
+
+def _download_inputs(spec: dict) -> list:
+    """Receipts of the items whose files this one reads (e.g. the Levels pickle listing the ImageNet keys to keep)."""
+    select = spec.get("select", {})
+    return [f"{RES}/downloads/{s['keys_from']['item']}.json" for s in select.values() if "keys_from" in s]
+
+
+def _dataset(wildcards):
+    return config["datasets"][wildcards.dataset]
+
+
+def _sets(*methods) -> str:
+    """Wildcard pattern matching exactly the sets made by `methods` (rules with one output pattern stay unambiguous)."""
+    names = [name for name, fset in FSETS.items() if fset.method in methods]
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
+def _fs(wc):
+    return FSETS[wc.fset]
+
+
+def _source_features(wc, split=None):
+    return f"{R}/embeddings/{split or wc.split}/{_fs(wc).source_backbone}.h5"
+
+
+def _max_sl(fset: str) -> int:
+    """Episode length that the selection must support: the longest of the variants on this set's root or any set
+    derived from it (P-16)."""
+    derived = set(members(FSETS, FSETS[fset].root))
+    lengths = [variant_params(config, v)["sl"] for v in VARIANTS if config["variants"][v]["function_set"] in derived]
+    return max(lengths, default=config["train"].get("sl", 120))
+
+
+def _subset_args(wc) -> str:
+    """Training split: the configured choice; evaluation split: all of the parent's functions (same episodes)."""
+    entry = _fs(wc).entry
+    if wc.split != _fs(wc).train_split:
+        return ""
+    how = f"--seed {entry['seed']}" if "seed" in entry else f"--similarity {entry['similarity']}"
+    return f"--fraction {entry['fraction']} {how}"
+
+
+def _variant_set(wc):
+    return FSETS[config["variants"][wc.variant]["function_set"]]
+
+
+def _split_paths(wc):
+    fset = _variant_set(wc)
+    return {
+        "train_features": f"{R}/embeddings/{fset.train_split}/{wc.backbone}.h5",
+        "train_codes": f"{R}/functions/{fset.name}/{fset.train_split}.h5",
+        "val_features": f"{R}/embeddings/{fset.eval_split}/{wc.backbone}.h5",
+        "val_codes": f"{R}/functions/{fset.name}/{fset.eval_split}.h5",
+    }
+
+
+def _gpus(wc) -> int:
+    return int(variant_params(config, wc.variant).get("gpus", 1))
+
+
+def _launcher(wc) -> str:
+    """One process, or one per GPU through torchrun (ranks draw different episodes; P-15)."""
+    n = _gpus(wc)
+    if n == 1:
+        return "python3 -m metalign"
+    return f"python3 -m torch.distributed.run --standalone --nproc_per_node {n} -m metalign"
+
+
+def _brain_subjects(bench: str) -> list[str]:
+    """File stems of the prepared subjects: sub-01 … (THINGS-fMRI), CSI1 … (BOLD5000)."""
+    return [f"sub-{s}" if bench == "things_fmri" else s for s in BRAIN[bench]["subjects"]]
+
+
+def _brain_encodings(bench: str, schemes=None, backbones=None, variants=None) -> list[str]:
+    """Encoding files, subjects innermost (the order figure-brain-volume pairs them in)."""
+    cfg = BRAIN[bench]
+    return expand(f"{R}/brain/{bench}/{{scheme}}/{{backbone}}/{{variant}}/{{subject}}.h5",
+                  scheme=schemes or cfg["schemes"], backbone=backbones or BACKBONES,
+                  variant=variants or REPRESENTATIONS, subject=_brain_subjects(bench))
+
+
+def _brain_targets() -> list[str]:
+    out = []
+    for bench, cfg in BRAIN.items():
+        out += [f"{R}/brain/{bench}_{kind}.csv" for kind in ("folds", "stats", "alphas")]
+        out += [f"{R}/figures/brain/{bench}_rois_{scheme}.png" for scheme in cfg["schemes"]]
+    if "things_fmri" in BRAIN:
+        out += expand(f"{R}/figures/brain/things_fmri_volume_{{backbone}}.png", backbone=BACKBONES)
+    return out
+
+
+def _ds_inputs(refs, wc):
+    """Manifest and feature file of every split role (train, test, …) of one evaluation."""
+    out = {}
+    for role, ref in refs.items():
+        out[f"{role}_manifest"] = f"{R}/manifests/{ref['dataset']}.csv"
+        out[f"{role}_features"] = features_path(ref["dataset"], wc.backbone, wc.variant)
+    return out
+
+
+def _ds_split_flags(refs, wc):
+    flags = []
+    for role, ref in refs.items():
+        flags.append(f"--{role}-manifest {R}/manifests/{ref['dataset']}.csv"
+                     f" --{role}-features {features_path(ref['dataset'], wc.backbone, wc.variant)}")
+        if ref.get("split"):
+            flags.append(f"--{role}-split {ref['split']}")
+    return " ".join(flags)
+
+
+def _ds_probe_flags():
+    probe = DS["probe"]
+    return (f"--l2-grid {' '.join(str(v) for v in probe['l2_grid'])} --val-fraction {probe['val_fraction']}"
+            f" --probe-seed {probe['seed']} {DS_NORM}")
+
+
+def _ds_roles(section, roles):
+    return {role: DS[section][role] for role in roles}
+
+
+def _fewshot_refs(wc):
+    return {role: config["downstream"]["fewshot"]["tasks"][wc.task][role] for role in ("train", "test")}
+
+def _fewshot_inputs(wc):
+    classes = config["downstream"]["fewshot"]["tasks"][wc.task].get("classes")
+    extra = {"classes": classes} if isinstance(classes, str) else {}
+    return {**_ds_inputs(_fewshot_refs(wc), wc), **extra}
+
+def _fewshot_classes(wc):
+    classes = config["downstream"]["fewshot"]["tasks"][wc.task].get("classes")
+    if classes is None:
+        return ""
+    return f"--classes {classes if isinstance(classes, str) else as_json(classes)}"

@@ -1,0 +1,86 @@
+# The embedded demo world: procedural THINGS/COCO-shaped images, a planted concept embedding, simulated
+# participants, and a small ViT saved in Hugging Face format.
+
+rule demo_world:
+    output:
+        world=f"{RES}/world/world.json",
+        triplets=f"{RES}/world/things/triplets.tsv",
+        unique_ids=f"{RES}/world/things/unique_id.txt",
+        planted=f"{RES}/world/things/spose_embedding_23d_sorted.txt",  # 23 = the factor space of metalign.demo.factors
+    params:
+        spec=as_json(config["demo"]["world"]),
+        out=f"{RES}/world",
+    log:
+        f"{R}/logs/demo_world.log",
+    shell:
+        "python3 -m metalign demo-world --spec {params.spec} --out {params.out} 2> {log}"
+
+
+rule demo_vit:
+    output:
+        f"{RES}/models/vit_tiny/config.json",
+    params:
+        vit=stable(config["demo"]["vit"]),
+        out=f"{RES}/models/vit_tiny",
+    log:
+        f"{R}/logs/demo_vit.log",
+    shell:
+        "python3 -m metalign demo-vit --out {params.out} --image-size {params.vit[image_size]} --patch-size {params.vit[patch_size]}"
+        " --hidden-size {params.vit[hidden_size]} --layers {params.vit[layers]} --heads {params.vit[heads]}"
+        " --seed {params.vit[seed]} 2> {log}"
+
+
+if "behaviour" in config["demo"]:
+
+    rule demo_behaviour:
+        input:
+            f"{RES}/world/world.json",
+        output:
+            levels=f"{RES}/behaviour/levels.pkl",
+            category=f"{RES}/behaviour/category_learning.csv",
+            reward=f"{RES}/behaviour/reward_learning.csv",
+            metadata=f"{RES}/behaviour/things_metadata.tsv",
+            truth=f"{RES}/behaviour/ground_truth.json",
+        params:
+            spec=as_json(config["demo"]["behaviour"]),
+            world=f"{RES}/world",
+            out=f"{RES}/behaviour",
+        log:
+            f"{R}/logs/demo_behaviour.log",
+        shell:
+            "python3 -m metalign demo-behaviour --world {params.world} --spec {params.spec} --out {params.out} 2> {log}"
+
+
+if "fmri" in config["demo"]:
+
+    rule demo_fmri:
+        input:
+            f"{RES}/world/world.json",
+        output:
+            f"{RES}/fmri/fmri.json",
+        params:
+            spec=as_json(config["demo"]["fmri"]),
+            world=f"{RES}/world",
+            out=f"{RES}/fmri",
+        log:
+            f"{R}/logs/demo_fmri.log",
+        shell:
+            "python3 -m metalign demo-fmri --world {params.world} --spec {params.spec} --out {params.out} 2> {log}"
+
+
+if "labelled" in config["demo"]:
+
+    rule demo_labelled:
+        input:
+            f"{RES}/world/world.json",
+        output:
+            summary=f"{RES}/labelled/labelled.json",
+            hierarchy=multiext(f"{RES}/labelled/breeds/", "dataset_class_info.json", "class_hierarchy.txt",
+                               "node_names.txt"),
+        params:
+            spec=as_json(config["demo"]["labelled"]),
+            out=f"{RES}/labelled",
+        log:
+            f"{R}/logs/demo_labelled.log",
+        shell:
+            "python3 -m metalign demo-labelled --world {input} --spec {params.spec} --out {params.out} 2> {log}"

@@ -1,0 +1,34 @@
+# Verified downloads (P-60): one job per `downloads.items` entry fetches, verifies and places it before any compute
+# job needs it (compute jobs run with the hubs offline). Each job writes the receipt {RES}/downloads/<item>.json last;
+# a single-file item also declares its file, so rules that read it (unique_id.txt, triplets) find their producer.
+# Datasets and backbones point `requires:` at receipts.
+
+DOWNLOADS = config.get("downloads", {}).get("items", {})
+DOWNLOAD_LOCK = config.get("downloads", {}).get("lock", "config/downloads.lock.json")
+
+
+for _item, _spec in DOWNLOADS.items():
+
+    rule:
+        name:
+            "download_" + "".join(c if c.isalnum() else "_" for c in _item)
+        localrule: True  # compute nodes often have no internet: run on the submitting host, even with --profile slurm
+        input:
+            _download_inputs(_spec),
+        output:
+            **_download_outputs(_item, _spec),
+        params:
+            spec=as_json({"name": _item, **_spec}),
+            lock=DOWNLOAD_LOCK,
+        resources:
+            downloads=1,  # cap concurrent transfers with --resources downloads=N
+        log:
+            f"{R}/logs/download/{_item}.log",
+        shell:
+            "python3 -m metalign download --spec {params.spec} --root {RES} --lock {params.lock} --receipt {output.receipt} 2> {log}"
+
+
+rule downloads:
+    localrule: True
+    input:
+        expand(f"{RES}/downloads/{{item}}.json", item=list(DOWNLOADS)),
