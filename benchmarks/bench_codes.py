@@ -1,6 +1,6 @@
 """Loading SAE codes at COCO-train scale: 118,287 images × top-64 of 49,152 latents (synthetic).
 
-Goal 1, against upstream's layout (P-40): one HDF5 group per image (named by image id) with two small datasets,
+Goal 1, against upstream's layout (docs/methods.md P-40): one HDF5 group per image (named by image id) with two small datasets,
 read image by image. Reading all 118,287 groups takes minutes, so a prefix of `BASELINE_IMAGES` groups is timed and
 extrapolated linearly (the per-group cost does not depend on the file's size). Ours: `read_codes`, the whole file
 with its ids, function table and validation (ids unique, latent ids ascending per row, values finite).

@@ -6,7 +6,7 @@ Codes: synthetic top-64 of 49,152 latents (benchmarks/bench_codes.py); min_nonze
 ours      `EpisodeSampler.sample` (vectorised, O(sl) per episode: positives as a random-key subset of each function's
           list, negatives by rejection through a hashed bitmap; the training loop's sampler threads) plus one gather
           of the 768-d inputs of all 4,096 × 120 tokens, which is most of its time.
-baseline  upstream's per-episode draw (P-43): the episode's column of a dense row-major (N, F) code matrix,
+baseline  upstream's per-episode draw (docs/methods.md P-43): the episode's column of a dense row-major (N, F) code matrix,
           torch.where for its positives and its negatives, a random permutation of each, the first n_pos / n_neg,
           a shuffle, and the gather of that episode's 120 inputs. The dense matrix is built for `DENSE_FUNCTIONS`
           functions only (all 49k would take 23 GB) and `BASELINE_EPISODES` episodes are timed and extrapolated to

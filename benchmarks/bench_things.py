@@ -47,7 +47,7 @@ def mask_loop(logits: np.ndarray, choice: np.ndarray, participant: np.ndarray, s
     """Upstream's structure for `subjects`: mask over all trials per participant, L-BFGS-B per fold; mean NLL."""
     nll = []
     for subject in subjects:
-        mask = participant == subject                                # O(N) per participant (P-46)
+        mask = participant == subject                                # O(N) per participant (docs/methods.md P-46)
         x, y = logits[mask], choice[mask]
         counts = np.bincount(y, minlength=3)
         if (counts[counts > 0] < 2).any() or (counts > 0).sum() < 2:

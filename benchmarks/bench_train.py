@@ -6,7 +6,7 @@ images × 768-d features, top-64 of 49,152 latents (≈7k functions), 5,000 vali
 CPU every device tensor is host memory, so this over-counts a GPU run: the 4,096 × 120 × 768 input batch alone is
 1.5 GB here. The model is therefore small (hidden 16) and attention dropout is 0, which lets CPU attention use its
 fused kernel instead of materialising the (B, heads, 120, 120) weights (as CUDA's kernels avoid with dropout). Baseline: upstream's dense (N, d_sae) float32 code
-matrix (P-41), computed, not allocated: 118,287 × 49,152 × 4 bytes.
+matrix (docs/methods.md P-41), computed, not allocated: 118,287 × 49,152 × 4 bytes.
 
 Steps/s: the demo's training step (EfficientNet's 1280-d features, 1,200 images, 64 latents with k = 8, batch 64 ×
 32 tokens, hidden 64, one block, 4 heads) with our sampler vs the same loop with upstream's per-episode sampling

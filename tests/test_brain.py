@@ -75,7 +75,7 @@ def planted(world, subject) -> np.ndarray:
 def test_fixed_frame_rows_by_id_not_position(tmp_path):
     rng = np.random.default_rng(1)
     frame = pd.DataFrame(rng.standard_normal((40, 6)).astype(np.float32), columns=[str(i) for i in range(6)])
-    frame.insert(0, "voxel_id", rng.permutation(40).astype(np.int64))  # rows deliberately not in id order (P-21)
+    frame.insert(0, "voxel_id", rng.permutation(40).astype(np.int64))  # rows deliberately not in id order (docs/methods.md P-21)
     write_frame(tmp_path / "r.h5", frame, "ResponseData")
     values, columns = read_rows_by_id(tmp_path / "r.h5", "voxel_id", [7, 0, 39])
     assert columns == [str(i) for i in range(6)]

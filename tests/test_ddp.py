@@ -44,7 +44,7 @@ def test_two_ranks_draw_different_episodes_and_agree_on_weights(tmp_path):
     ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["batch_per_rank"] == CONFIG["batch_size"] // 2
     hashes = ckpt["first_batch_sha256"]
-    assert len(hashes) == 2 and hashes[0] != hashes[1]  # P-15: each rank its own episodes
+    assert len(hashes) == 2 and hashes[0] != hashes[1]  # docs/methods.md P-15: each rank its own episodes
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for key, value in ranks[0].items():
         assert torch.equal(value, ranks[1][key]), key

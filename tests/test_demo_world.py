@@ -78,7 +78,7 @@ def test_coco_pool_layout(world):
 
 
 def _naive_probabilities(embedding: np.ndarray, row: tuple[int, int, int], temperature: float) -> list[float]:
-    """Reference implementation of the §9.1 logit rule, one triplet at a time."""
+    """Reference implementation of the docs/methods.md §9.1 logit rule, one triplet at a time."""
     def cos(a: int, b: int) -> float:
         x, y = embedding[a - 1], embedding[b - 1]
         return float(x @ y / math.sqrt((x @ x) * (y @ y)))

@@ -98,7 +98,7 @@ def test_trainer_recovers_planted_dictionary():
     np.testing.assert_allclose(np.linalg.norm(learned, axis=1), 1.0, atol=1e-5)
     assert (dictionary @ learned.T).max(axis=1).min() > 0.9  # every planted atom has a learned twin
 
-    # the reported explained variance is that of the raw-feature SAE under the §2 formula
+    # the reported explained variance is that of the raw-feature SAE under the docs/methods.md §2 formula
     weights = {name: getattr(sae, name).detach().numpy() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
     indices, values = encode_topk(X, weights["W_enc"], weights["b_enc"], weights["b_dec"], 4)
     dense = np.zeros((len(X), sae.d_sae))
@@ -186,7 +186,7 @@ def test_select_functions_edge_cases():
     assert selection.latent_id.dtype == np.int64
     assert (selection.n_below_min, selection.n_dropped, selection.max_draw) == (1, 1, 84)
 
-    # min_nonzero below sl: the coupling check (P-16) drops functions that cannot fill an episode
+    # min_nonzero below sl: the coupling check (docs/methods.md P-16) drops functions that cannot fill an episode
     selection = select_functions(np.array([10, 83, 84, 90]), min_nonzero=10, sl=120, n_images=1000)
     np.testing.assert_array_equal(selection.latent_id, [2, 3])
     assert selection.n_dropped == 2

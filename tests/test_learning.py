@@ -1,5 +1,5 @@
 """Category and reward learning: the fast online learners equal naive scikit-learn refits at every trial, the
-choice model, the P-25 causal variant, file contracts, recovery on simulated sessions and real-data checks."""
+choice model, the docs/methods.md P-25 causal variant, file contracts, recovery on simulated sessions and real-data checks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Levels odd-one-out: the pickle contract, stem resolution by id without index shifts (P-2), per-type scores, the
+"""Levels odd-one-out: the pickle contract, stem resolution by id without index shifts (docs/methods.md P-2), per-type scores, the
 sorted-triplet noise ceiling, the CLI, and recovery of the planted embedding on simulated Levels data."""
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def test_nll_of_given_parameters_matches_naive_loop():
     logp = cm.log_probabilities(params, logits)
     np.testing.assert_allclose(-logp[np.arange(50), choice], naive, rtol=1e-12)
     assert cm.mean_nll_and_grad(params, logits, choice)[0] == pytest.approx(np.mean(naive), rel=1e-12)
-    # extreme logits: log-softmax stays finite where clipped probabilities would saturate (P-12)
+    # extreme logits: log-softmax stays finite where clipped probabilities would saturate (docs/methods.md P-12)
     big = cm.log_probabilities(np.array([-4.6, 0.0, 0.0]), np.array([[1.0, -1.0, 0.0]]))
     assert np.isfinite(big).all() and big[0, 1] < -100
 

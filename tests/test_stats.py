@@ -95,7 +95,7 @@ def test_exceedance_probabilities_exact_and_monte_carlo():
 
 
 def test_bms_stable_at_things_scale():
-    """12k participants with NLL sums of hundreds: F1 − F0 ≫ 709 where exp(F1 − F0) would overflow (P-10)."""
+    """12k participants with NLL sums of hundreds: F1 − F0 ≫ 709 where exp(F1 − F0) would overflow (docs/methods.md P-10)."""
     rng = np.random.default_rng(1)
     n = 12_340
     base = -rng.uniform(300, 450, n)
@@ -198,7 +198,7 @@ def test_cli_stats_noise_ceiling_and_figure(tmp_path):
     ceiling = json.loads((tmp_path / "nc.json").read_text())
     assert ceiling["overall"] == pytest.approx(1 - (0 + math.log(2) + 0) / 3 / math.log(3))
     assert ceiling["n_repeated_triplets"] == 3
-    # evaluate-things reads the cached ceiling instead of recomputing it (P-51)
+    # evaluate-things reads the cached ceiling instead of recomputing it (docs/methods.md P-51)
     concepts = [f"c{i}" for i in range(4)]
     (tmp_path / "unique_id.txt").write_text("\n".join(concepts) + "\n")
     pd.DataFrame({"image_id": [f"{c}/{c}_01.jpg" for c in concepts], "path": [f"/t/{c}/{c}_01.jpg" for c in concepts],

@@ -91,7 +91,7 @@ def test_encode_shape_of_every_variant(variant):
                                                                      model.embed_norm.weight, model.embed_norm.bias))
         logits, mags = model(x)
         assert logits.shape == mags.shape == (7, 5)
-    else:  # every sequence variant is evaluated through embed([0, x]) alone (§8)
+    else:  # every sequence variant is evaluated through embed([0, x]) alone (docs/methods.md §8)
         torch.testing.assert_close(z, model.embed(torch.cat([torch.zeros(7, 1), x], dim=1)))
         logits, mags = model(torch.randn(2, 9, D), torch.rand(2, 9))
         assert logits.shape == mags.shape == (2, 9)

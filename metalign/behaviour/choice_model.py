@@ -1,7 +1,7 @@
 """Per-participant softmax choice model for 3-alternative odd-one-out choices, cross-validated (docs/methods.md §9.1).
 
 P(c) = softmax((l + b) / T)_c with b = (b1, 0, b3); parameters (log T, b1, b3) within `BOUNDS`, fitted on the mean
-training NLL (log-softmax, no probability clipping, P-12). Every (participant, fold) fit is an independent
+training NLL (log-softmax, no probability clipping, docs/methods.md P-12). Every (participant, fold) fit is an independent
 3-parameter problem; all of them are solved together, vectorised, so 4.7 M THINGS trials need no loop over fits.
 """
 

@@ -251,7 +251,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats_parser.add_argument("--out", required=True, type=Path, help="statistics table (CSV)")
     stats_parser.set_defaults(func=cmd_behaviour_stats)
 
-    ceiling = subparsers.add_parser("noise-ceiling", help="odd-one-out noise ceiling from repeated triplets (§11)")
+    ceiling = subparsers.add_parser("noise-ceiling", help="odd-one-out noise ceiling from repeated triplets (docs/methods.md §11)")
     source = ceiling.add_mutually_exclusive_group(required=True)
     source.add_argument("--things-triplets", type=Path, help="THINGS triplet table (tab-separated)")
     source.add_argument("--levels", type=Path, help="Levels pickle")

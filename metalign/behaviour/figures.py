@@ -1,4 +1,4 @@
-"""THINGS odd-one-out, behaviour and geometry figures, drawn only from pipeline outputs (P-65): McFadden R² (÷ noise ceiling for
+"""THINGS odd-one-out, behaviour and geometry figures, drawn only from pipeline outputs (docs/methods.md P-65): McFadden R² (÷ noise ceiling for
 odd-one-out) with error bars across participants and PXP annotations, one panel per subset (Levels triplet types);
 geometry bars with bootstrap intervals; the t-SNE maps of base and meta (meta Procrustes-aligned to base)."""
 

@@ -1,6 +1,6 @@
 """Representational geometry on THINGS (docs/methods.md §9.8): linear CKA against the human (SPoSE) embedding, class
 separation of images by concept ("fine") and of concepts by metadata labels ("coarse"), with seeded bootstrap
-uncertainty (P-30); and the 2-D t-SNE maps for the figure (meta Procrustes-aligned to base).
+uncertainty (docs/methods.md P-30); and the 2-D t-SNE maps for the figure (meta Procrustes-aligned to base).
 
 Coarse separation: each listed metadata column is one labelling of the concepts (its distinct non-empty values are
 the classes; concepts without a value are left out of that column); the coarse score is the mean over columns.
@@ -153,7 +153,7 @@ def read_metadata(path: str | Path, unique_ids: list[str], id_column: str, colum
 
 def concept_inputs(features_path: Path, manifest_path: Path,
                    unique_ids_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], dict[str, Any]]:
-    """Image features in manifest order, their concept labels, the concept matrix (§9.1), unique ids, attrs."""
+    """Image features in manifest order, their concept labels, the concept matrix (docs/methods.md §9.1), unique ids, attrs."""
     arrays, ids, attrs = read_h5(features_path, ["features"])
     manifest = read_manifest(manifest_path)
     unique_ids = read_unique_ids(unique_ids_path)

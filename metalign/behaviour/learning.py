@@ -4,7 +4,7 @@ Per participant and representation an online learner turns trial t's options int
 before t; a one-parameter softmax choice model (log T ∈ [−4.6, 4.6], fitted in sample on the human choices) scores
 the human choices. Each model has one free parameter, so summed NLLs compare without a complexity penalty.
 
-Exact and fast (P-47) instead of refitting scikit-learn from scratch at every trial:
+Exact and fast (docs/methods.md P-47) instead of refitting scikit-learn from scratch at every trial:
 - Both learners are invariant to rotations of the feature space (isotropic L2 penalty / isotropic Gaussian prior)
   and their solutions lie in the span of the training rows, so each participant's images are first expressed in an
   orthonormal basis of their own span (r ≤ min(D, number of images) coordinates): the fits, predictions and
@@ -43,7 +43,7 @@ REWARD_COLUMNS = ("participant", "left_image", "right_image", "left_reward", "ri
 C_GRID = np.logspace(-4, 4, 10)
 CV_FOLDS = 5
 LOG_T_BOUNDS = (-4.6, 4.6)
-LOG_VALUE_FLOOR = math.log(1e-15)        # values are clipped at 1e-15 before the log (§9.3)
+LOG_VALUE_FLOOR = math.log(1e-15)        # values are clipped at 1e-15 before the log (docs/methods.md §9.3)
 LOG_2 = math.log(2.0)
 # scikit-learn BayesianRidge defaults
 PRIOR = {"alpha_1": 1e-6, "alpha_2": 1e-6, "lambda_1": 1e-6, "lambda_2": 1e-6}
@@ -189,7 +189,7 @@ def online_logistic(z: np.ndarray, y: np.ndarray, c: float) -> np.ndarray:
 
 
 def online_logistic_causal(z: np.ndarray, y: np.ndarray, grid: np.ndarray = C_GRID) -> tuple[np.ndarray, np.ndarray]:
-    """The causal variant (P-25): at trial t use the C whose online predictions of the true labels of trials < t
+    """The causal variant (docs/methods.md P-25): at trial t use the C whose online predictions of the true labels of trials < t
     had the highest log-likelihood (prequential selection; ties → smallest C). Returns log values and C per trial."""
     paths = np.stack([online_logistic(z, y, c) for c in grid])               # (G, n, 2)
     scored = paths[:, np.arange(len(y)), y]                                 # (G, n) log v of the true label

@@ -1,8 +1,8 @@
-"""Levels odd-one-out (docs/methods.md §9.2): the THINGS protocol (§9.1) on image-level triplets, per triplet type.
+"""Levels odd-one-out (docs/methods.md §9.2): the THINGS protocol (docs/methods.md §9.1) on image-level triplets, per triplet type.
 
 The pickle maps participant id → list of trial dicts (`image1Path`, `image2Path`, `image3Path`, `selected_image`,
 `exp_trial_type`, `triplet_type`). Images are keyed by file stem and resolved to feature rows through the manifest by
-id, never by position (P-2): a trial whose image has no feature row is excluded and reported (count and first
+id, never by position (docs/methods.md P-2): a trial whose image has no feature row is excluded and reported (count and first
 stems), and no other trial moves. `triplet_type` None is its own subset, "none", never silently dropped.
 """
 
@@ -119,7 +119,7 @@ def resolve(trials: pd.DataFrame, rows: dict[str, int]) -> tuple[np.ndarray, np.
 
 def evaluate_levels(features: np.ndarray, trials: pd.DataFrame, index: np.ndarray, seed: int = 1234,
                     n_jobs: int = 2) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """§9.1 on resolved trials (`index` = their (T, 3) feature rows), overall and per triplet type.
+    """docs/methods.md §9.1 on resolved trials (`index` = their (T, 3) feature rows), overall and per triplet type.
 
     Per-trial `trial` is the index in the flattened pickle, so tables of two representations pair by key.
     """
@@ -144,7 +144,7 @@ def evaluate_levels(features: np.ndarray, trials: pd.DataFrame, index: np.ndarra
 
 
 def noise_ceiling_summary(trials: pd.DataFrame) -> dict[str, Any]:
-    """Levels ceiling (§11): repeats are (participant, sorted triplet) within a type; the choice is the selected
+    """Levels ceiling (docs/methods.md §11): repeats are (participant, sorted triplet) within a type; the choice is the selected
     image's place in the sorted triplet, so a repeat shown in another order still counts as the same choice."""
     stems = trials[["stem1", "stem2", "stem3"]].to_numpy(dtype=object)
     order = np.argsort(stems, axis=1, kind="stable")

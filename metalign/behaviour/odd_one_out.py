@@ -1,5 +1,5 @@
 """THINGS odd-one-out evaluation (docs/methods.md §9.1): zero-shot accuracy, the cross-validated per-participant choice
-model, McFadden pseudo-R² (§10) and the repeated-triplet noise ceiling (§11)."""
+model, McFadden pseudo-R² (docs/methods.md §10) and the repeated-triplet noise ceiling (docs/methods.md §11)."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def read_unique_ids(path: str | os.PathLike) -> list[str]:
 def concept_matrix(features: np.ndarray, ids: list[str], manifest: pd.DataFrame, unique_ids: list[str],
                    source: str = "features") -> tuple[np.ndarray, list[str]]:
     """One row per concept (in `unique_ids` order): the feature row of the concept's first image in sorted file-name
-    order (P-6), joined by image id. Returns the (n_concepts, D) matrix and the chosen image ids."""
+    order (docs/methods.md P-6), joined by image id. Returns the (n_concepts, D) matrix and the chosen image ids."""
     features = np.asarray(features)
     if features.ndim != 2 or len(features) != len(ids):
         raise DataContractError(f"{source}: features of shape {features.shape} do not match {len(ids)} ids")
@@ -146,7 +146,7 @@ def score_logits(logits: np.ndarray, triplets: pd.DataFrame, seed: int = 1234,
     if "subject_id" in triplets:
         per_trial["subject_id"] = triplets["subject_id"].to_numpy()[trial]
     summary = {
-        "zero_shot_acc": zero_shot_accuracy(logits, choice),                      # all triplets (P-29)
+        "zero_shot_acc": zero_shot_accuracy(logits, choice),                      # all triplets (docs/methods.md P-29)
         "zero_shot_acc_cv_population": zero_shot_accuracy(logits[trial], choice[trial]) if len(trial) else math.nan,
         **cv_scores(per_trial),
         "n_participants": int(cv.kept.sum()),
@@ -159,7 +159,7 @@ def score_logits(logits: np.ndarray, triplets: pd.DataFrame, seed: int = 1234,
 
 
 def cv_scores(per_trial: pd.DataFrame) -> dict[str, float]:
-    """Mean out-of-fold NLL and accuracy, McFadden R² (§10) and the trial count of a per-trial table."""
+    """Mean out-of-fold NLL and accuracy, McFadden R² (docs/methods.md §10) and the trial count of a per-trial table."""
     cv_nll = float(per_trial["nll"].mean()) if len(per_trial) else math.nan
     return {"cv_nll": cv_nll, "cv_acc": float(per_trial["correct"].mean()) if len(per_trial) else math.nan,
             "mcfadden_r2": 1.0 - cv_nll / LOG_3, "n_trials": int(len(per_trial))}
@@ -172,7 +172,7 @@ def noise_ceiling(triplets: pd.DataFrame) -> float:
 
 
 def noise_ceiling_summary(triplets: pd.DataFrame) -> dict[str, Any]:
-    """The THINGS ceiling (§11) with the number of repeated triplets it rests on; computed once per triplet file."""
+    """The THINGS ceiling (docs/methods.md §11) with the number of repeated triplets it rests on; computed once per triplet file."""
     group = triplets.groupby(["participant", "i", "j", "k"], sort=False).ngroup().to_numpy()
     ceiling, n_repeated = entropy_ceiling(group, triplets["choice"].to_numpy())
     return {"overall": ceiling, "n_repeated_triplets": n_repeated}

@@ -1,6 +1,6 @@
 """Group statistics of behavioural model comparisons (docs/methods.md §10): random-effects Bayesian model selection
 (Stephan et al. 2009; protected exceedance probabilities per Rigoux et al. 2014), paired Wilcoxon tests on
-per-participant summed NLLs, and McFadden pseudo-R² with uncertainty across participants (not trials, P-28).
+per-participant summed NLLs, and McFadden pseudo-R² with uncertainty across participants (not trials, docs/methods.md P-28).
 
 Every per-trial table (`alignment/<benchmark>/<backbone>/<variant>.parquet`) holds `participant`, `trial`, `nll` and
 `correct`; tables of one benchmark pair row by row on (participant, trial), and a row counts only where every model
@@ -24,11 +24,11 @@ from metalign.io import DataContractError
 
 log = logging.getLogger(__name__)
 
-COMPAT_ITERATIONS = 32        # upstream's cap (groupBMC default); reported next to the converged result (P-11)
+COMPAT_ITERATIONS = 32        # upstream's cap (groupBMC default); reported next to the converged result (docs/methods.md P-11)
 MAX_ITERATIONS = 100_000      # "converged": the fixed point is reached long before this on any real data
 TOLERANCE = 1e-4              # on max_k |Δα_k|
 EP_SAMPLES = 1_000_000        # Monte Carlo draws of the Dirichlet posterior for K > 2
-MIN_PARTICIPANTS = 3          # a subset gets statistics only with at least this many participants (§9.2)
+MIN_PARTICIPANTS = 3          # a subset gets statistics only with at least this many participants (docs/methods.md §9.2)
 KEY = ["participant", "trial"]
 
 
@@ -54,7 +54,7 @@ def bms(log_evidence: np.ndarray, max_iter: int = MAX_ITERATIONS, tol: float = T
 
     The prior is α⁰ = 1/K (groupBMC's value, which reproduces the published THINGSDecisions frequencies); the
     fixed point α ← α⁰ + Σ_n softmax(L_n + ψ(α)) runs until max|Δα| < tol or `max_iter` updates. BOR is σ(F0 − F1),
-    never exp(F1 − F0), which overflows once F1 − F0 > 709 (P-10).
+    never exp(F1 − F0), which overflows once F1 − F0 > 709 (docs/methods.md P-10).
     """
     L = np.asarray(log_evidence, dtype=np.float64)
     if L.ndim != 2 or L.shape[1] < 2 or not len(L):

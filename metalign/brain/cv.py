@@ -1,7 +1,7 @@
 """Cross-validation schemes for encoding models, outer and inner, and the check that no image leaks.
 
 THINGS-fMRI shows its test images in every session, so leave-one-session-out puts the same image in training and
-test (P-20); BOLD5000 repeats 113 images. The leakage-free schemes drop, from every training set, each trial whose
+test (docs/methods.md P-20); BOLD5000 repeats 113 images. The leakage-free schemes drop, from every training set, each trial whose
 image appears in that fold's test set, and select α by an inner CV built the same way inside the training set.
 
 - `heldout_session`: outer, one fold per session, training drops the test fold's images; inner, the training

@@ -32,7 +32,7 @@ from metalign.brain.subject import Subject
 from metalign.io import DataContractError, file_sha256, library_versions, read_h5, write_h5
 
 log = logging.getLogger(__name__)
-EDGE_WARNING = 0.05  # warn when more than 5 % of voxels pick an α on the grid's edge (P-22)
+EDGE_WARNING = 0.05  # warn when more than 5 % of voxels pick an α on the grid's edge (docs/methods.md P-22)
 
 
 @dataclass
@@ -98,7 +98,7 @@ def encode(subject: Subject, features: np.ndarray, scheme: str, alphas: np.ndarr
     predictive = np.nanmean(r2, axis=1) > 0
     if predictive.any() and max(alpha_edges(alpha_index[predictive], len(alphas)).values()) > EDGE_WARNING:
         log.warning("%s: more than %.0f%% of the predictive voxels' folds select α on an edge of the grid; "
-                    "consider widening it (P-22)", subject.subject, 100 * EDGE_WARNING)
+                    "consider widening it (docs/methods.md P-22)", subject.subject, 100 * EDGE_WARNING)
     attrs = {"scheme": scheme, "scheme_description": cv.SCHEMES[scheme], "leaky": leaky, "n_inner": n_inner,
              "seed": seed, "standardize": standardize, "per_fold": per_fold, **edges}
     return Encoding(r2=r2, r2_norm=r2 / subject.nc[:, None], alpha_index=alpha_index, alphas=np.asarray(alphas),

@@ -2,7 +2,7 @@
 
 THINGS-fMRI ships its single-trial betas as `sub-0P_ResponseData.h5`: a DataFrame saved by pandas (PyTables) in the
 fixed format under the key `ResponseData`, one row per voxel (`voxel_id` column) and one column per trial. pandas can
-only load such a file whole (≈16 GB for one subject), so voxel rows are selected here by id and read alone (P-21,
+only load such a file whole (≈16 GB for one subject), so voxel rows are selected here by id and read alone (docs/methods.md P-21,
 P-50). The layout (group attributes `pandas_type="frame"`, `nblocks`; datasets `axis0` = column names, `axis1` =
 index, `block<i>_items` = the columns of block i and `block<i>_values` = their values, stored rows × items when the
 node attribute `transposed` is set) is the one pandas ≥ 1 writes; `write_frame` produces it so that
@@ -130,7 +130,7 @@ def read_rows_by_id(path: str | os.PathLike, id_column: str, ids: Sequence[int],
                     ) -> tuple[np.ndarray, list[str]]:
     """Rows whose `id_column` equals `ids` (in that order) × every other column, and those columns' labels.
 
-    Only the id column and the selected rows are read: the id is looked up, never taken as a row position (P-21).
+    Only the id column and the selected rows are read: the id is looked up, never taken as a row position (docs/methods.md P-21).
     """
     with FixedFrame(path, key) as frame:
         stored = frame.column(id_column).astype(np.int64)

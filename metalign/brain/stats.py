@@ -1,8 +1,8 @@
 """Statistics of the encoding results (docs/methods.md §9.5): per-voxel R² and noise ceilings, ROI summaries, the exact
 sign-flip test over folds, Fisher's combination over subjects and Benjamini–Hochberg FDR over ROIs.
 
-No voxel-level test is reported as inference (voxels are not independent; P-23), and there is no permutation null
-read from files nothing produces (P-24): every p-value here is computed from the fold values it is given.
+No voxel-level test is reported as inference (voxels are not independent; docs/methods.md P-23), and there is no permutation null
+read from files nothing produces (docs/methods.md P-24): every p-value here is computed from the fold values it is given.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def compare_rois(folds: pd.DataFrame, reference: str, subjects: Sequence[str]) -
 
 
 def alpha_edges(alpha_index: np.ndarray, n_alphas: int) -> Mapping[str, float]:
-    """How often the selected α sits on an edge of the grid (P-22): a sign that the grid is too narrow."""
+    """How often the selected α sits on an edge of the grid (docs/methods.md P-22): a sign that the grid is too narrow."""
     alpha_index = np.asarray(alpha_index)
     return {"frac_low_edge": float(np.mean(alpha_index == 0)),
             "frac_high_edge": float(np.mean(alpha_index == n_alphas - 1))}

@@ -1,7 +1,7 @@
 """One prepared fMRI subject: the selected voxels' single-trial responses and everything the encoding needs.
 
 The readers of the released files (`things`, `bold5000`) select voxels once and write this compact file; every
-encoding job (backbone × representation × CV scheme) then reads a few MB instead of the release (P-50).
+encoding job (backbone × representation × CV scheme) then reads a few MB instead of the release (docs/methods.md P-50).
 
 HDF5 layout (rows = trials, `ids` = trial ids):
     betas      (n_trials, n_voxels) float32   single-trial responses of the selected voxels

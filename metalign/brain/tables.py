@@ -1,5 +1,5 @@
 """Collect per-subject encoding files into the brain tables: ROI values per fold, base-vs-meta statistics, and the
-α-grid edge report (P-22)."""
+α-grid edge report (docs/methods.md P-22)."""
 
 from __future__ import annotations
 

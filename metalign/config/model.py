@@ -54,16 +54,16 @@ class TrainConfig(ModelSettings):
     seed: int = 1234
     sl: int = 120                          # episode length (tokens per episode)
     batch_size: int = 1024                 # global episodes (static_linear: images) per optimiser step;
-                                           # 1024 = upstream's effective batch (P-15)
+                                           # 1024 = upstream's effective batch (docs/methods.md P-15)
     steps: int = 10_000                    # maximum optimiser steps
     lr: float = 2.5e-4
     weight_decay: float = 0.0              # applied to every parameter except the loss weights and, unless
-    decay_embed: bool = False              # ... this is true, the evaluated representation (embed.*; P-27)
+    decay_embed: bool = False              # ... this is true, the evaluated representation (embed.*; docs/methods.md P-27)
     eval_every: int = 100                  # steps between evaluations on the fixed validation episodes
     checkpoint_every: int = 100            # steps between resumable `.last.pt` checkpoints
     log_every: int = 10                    # steps averaged into one `train` row of the metrics CSV
     n_eval_episodes_per_function: int = 20
-    eval_seed: int = 1234                  # seed of the fixed validation episodes: keep it equal across runs (P-17)
+    eval_seed: int = 1234                  # seed of the fixed validation episodes: keep it equal across runs (docs/methods.md P-17)
     eval_batch_size: int | None = None     # episodes per evaluation forward pass; None = batch_size
     min_step: int = 1000                   # early stopping is active only from this step ...
     min_acc: float = 0.6                   # ... and when the current validation accuracy reaches this
@@ -71,7 +71,7 @@ class TrainConfig(ModelSettings):
     patience: int = 10                     # consecutive evaluations without such an improvement before stopping
     compile: bool = False                  # torch.compile the model (CUDA runs)
     gpus: int = 1                          # devices per run: > 1 runs data-parallel (DDP) under torchrun, one
-                                           # process per GPU; batch_size stays the global batch (P-15)
+                                           # process per GPU; batch_size stays the global batch (docs/methods.md P-15)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -24,7 +24,7 @@ def odd_one_out_logits(embedding: np.ndarray, triplets: np.ndarray) -> np.ndarra
 
 
 def log_choice_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """Log-softmax in log space, so that near-deterministic choices never give log(0) (pitfall P-12)."""
+    """Log-softmax in log space, so that near-deterministic choices never give log(0) (pitfall docs/methods.md P-12)."""
     scaled = logits / temperature
     shifted = scaled - scaled.max(axis=1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))

@@ -11,7 +11,7 @@ The stimuli are the demo world's THINGS images. A voxel's response to an image i
   + amplitude_v · image_sd · η(image, v)     (image-specific, repeats whenever the image is shown again)
   + session_sd · δ(session, v) + trial_sd · ε(trial, v)
 so an encoding model given the planted features can recover the signal, and a CV scheme that lets an image's
-repetitions sit in training and test can also fit η: the leak that the leakage-free schemes remove (P-20).
+repetitions sit in training and test can also fit η: the leak that the leakage-free schemes remove (docs/methods.md P-20).
 ROI voxels carry the signal (amplitude U(0.6, 1.2)), others little (U(0, 0.3)), so the noise-ceiling selection has
 something to select. Noise ceilings in the metadata are computed from the simulated repeats, as in the release.
 """

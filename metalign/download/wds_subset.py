@@ -1,4 +1,4 @@
-"""Selected samples of remote webdataset shards, streamed: ImageNet images by key without storing ImageNet (P-45).
+"""Selected samples of remote webdataset shards, streamed: ImageNet images by key without storing ImageNet (docs/methods.md P-45).
 
 Each source shard is streamed once (sha256-verified against the hub's LFS hash while it streams), and every selection
 (`select.<name>`) gets the samples it wants written to its own shard of the same name under `<dest>/<name>/`. Progress
@@ -8,7 +8,7 @@ first unfinished shard. Shards are processed in order, so a `per_class` cap keep
 Selections: `keys_from` (ids listed by another item: `format: levels_pkl` = the image stems of the Levels pickle,
 `lines` = one id per line) and/or `per_class` (at most n samples per `.cls` value). A sample's ids are its key and, if
 its `.json` names the original file, that file's stem; a selected sample is written under the id that matched. Every
-listed id must be found, or the job fails naming the missing ones (P-2).
+listed id must be found, or the job fails naming the missing ones (docs/methods.md P-2).
 """
 
 from __future__ import annotations

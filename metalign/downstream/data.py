@@ -44,7 +44,7 @@ def load_rows(ref: SplitRef) -> pd.DataFrame:
 
 
 def check_provenance(ref: SplitRef) -> None:
-    """Refuse features computed from a different manifest than the one that labels them (stale file, P-64)."""
+    """Refuse features computed from a different manifest than the one that labels them (stale file, docs/methods.md P-64)."""
     with h5py.File(_existing(ref.features), "r") as handle:
         attrs = read_attrs(handle)
     recorded = attrs.get("manifest_sha256") or (attrs.get("source_attrs") or {}).get("manifest_sha256")

@@ -3,7 +3,7 @@
 The probe is the same closed-form least-squares classifier as the few-shot evaluation (`fewshot.lsr_system`), fitted
 on all training rows. Its ridge strength is chosen from a grid on a stratified, seeded hold-out of the training rows
 (one Gram matrix serves the whole grid), then refitted on all rows; whether the choice sits on a grid edge is
-recorded (P-22), since base and meta representations have very different scales and spectra.
+recorded (docs/methods.md P-22), since base and meta representations have very different scales and spectra.
 """
 
 from __future__ import annotations

@@ -228,7 +228,7 @@ def _load_state_dict(model: nn.Module, path: Path, spec: Mapping[str, Any]) -> N
 
 
 def _weights(path: Path) -> dict[str, Any]:
-    """The weights file and its hash: the hash, not the name, is what the cache key must see (P-64)."""
+    """The weights file and its hash: the hash, not the name, is what the cache key must see (docs/methods.md P-64)."""
     return {"weights": str(path), "weights_sha256": file_sha256(path)}
 
 
@@ -346,7 +346,7 @@ def load_backbone(entry: Mapping[str, Any]) -> Backbone:
 
 @contextlib.contextmanager
 def hubs_offline() -> Iterator[None]:
-    """Compute jobs never download (P-60): weights come from a download rule, so a missing file is an error."""
+    """Compute jobs never download (docs/methods.md P-60): weights come from a download rule, so a missing file is an error."""
     import huggingface_hub.constants as hub_constants
 
     saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
@@ -365,7 +365,7 @@ def hubs_offline() -> Iterator[None]:
 
 
 def cache_key(entry: Mapping[str, Any], provenance: Mapping[str, Any], inputs_sha: str) -> str:
-    """Weights (hash), preprocessing, code and library versions, inputs: change any and a feature file is stale (P-64)."""
+    """Weights (hash), preprocessing, code and library versions, inputs: change any and a feature file is stale (docs/methods.md P-64)."""
     payload = json.dumps({"entry": dict(entry), "provenance": dict(provenance), "inputs": inputs_sha,
                           "code": EXTRACTION_CODE_VERSION, "libraries": library_versions()},
                          sort_keys=True, default=str)

@@ -6,7 +6,7 @@ pass, plus `ids`. Images are plain files or members of webdataset shards (`<shar
 Resume: rows are written in manifest order into `<out>.partial.h5`, whose `n_done` attribute is advanced only after
 the rows are flushed. A rerun with the same cache key continues from there, so a `kill -9` costs at most one batch,
 and the finished file is identical to an uninterrupted run. The partial file is renamed onto `<out>` at the end.
-Compute jobs run with the model hubs offline (P-60): weights come from download rules.
+Compute jobs run with the model hubs offline (docs/methods.md P-60): weights come from download rules.
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ def config_k(config: dict[str, Any]) -> int | None:
 
 
 def load_pretrained_sae(path: str | os.PathLike, k: int | None = None) -> tuple[TopKSAE, dict[str, Any]]:
-    """A TopKSAE with a legacy file's weights, d_in and d_sae read from W_enc's shape (P-5).
+    """A TopKSAE with a legacy file's weights, d_in and d_sae read from W_enc's shape (docs/methods.md P-5).
 
     `k` (from our config) and the file's own k must agree when both exist; one of them must.
     """

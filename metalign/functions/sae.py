@@ -23,7 +23,7 @@ WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 def topk_activations(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
                      k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse code of each row of `x`: (indices ascending, values), ReLU applied after the top-k selection (§2)."""
+    """Sparse code of each row of `x`: (indices ascending, values), ReLU applied after the top-k selection (docs/methods.md §2)."""
     h = (x - b_dec) @ W_enc + b_enc
     top_values, top_indices = torch.topk(h, k, dim=-1)
     indices, order = torch.sort(top_indices, dim=-1)
@@ -109,7 +109,7 @@ def train_sae(X: np.ndarray, expansion: float, k: int, steps: int, batch_size: i
     the learning rate means the same for every backbone; per-dimension standardisation is not used
     because it would change the geometry the SAE explains. The scale is folded back into b_enc and b_dec
     at the end (top-k and ReLU are positively homogeneous), so the returned SAE acts on raw features with
-    the §2 formula and its decoder rows stay unit norm. Initialisation: random unit decoder rows, W_enc =
+    the docs/methods.md §2 formula and its decoder rows stay unit norm. Initialisation: random unit decoder rows, W_enc =
     W_decᵀ (tied), b_enc = 0, b_dec = data mean.
     """
     X = np.ascontiguousarray(X, dtype=np.float32)
@@ -170,7 +170,7 @@ def train_sae(X: np.ndarray, expansion: float, k: int, steps: int, batch_size: i
 
 
 def save_sae(path: str | os.PathLike, sae: TopKSAE, meta: Mapping[str, Any]) -> None:
-    """Write plain tensors + plain config + JSON-safe meta, loadable with torch.load(weights_only=True) (P-19)."""
+    """Write plain tensors + plain config + JSON-safe meta, loadable with torch.load(weights_only=True) (docs/methods.md P-19)."""
     payload = {
         "weights": {name: getattr(sae, name).detach().cpu().clone() for name in WEIGHT_NAMES},
         "config": sae.config,

@@ -1,6 +1,6 @@
 """Per-latent statistics from fixed-width codes and the choice of training/evaluation functions (docs/methods.md §3).
 
-Everything works on the (N, k) index/value arrays: a dense (N, d_sae) matrix is never built (P-41).
+Everything works on the (N, k) index/value arrays: a dense (N, d_sae) matrix is never built (docs/methods.md P-41).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def max_episode_draw(sl: int, n_sd: float = EPISODE_SD_BOUND) -> int:
     """Largest n_pos (= largest n_neg, by symmetry) of an episode: ceil(sl/2 + n_sd·sl/20), at most sl.
 
     n_pos ~ round(N(sl/2, sl/20)); episode samplers clamp draws to [sl − max_draw, max_draw], which makes
-    the validation in `select_functions` a guarantee rather than a probability (P-16).
+    the validation in `select_functions` a guarantee rather than a probability (docs/methods.md P-16).
     """
     if sl < 1:
         raise ValueError(f"sl must be positive, got {sl}")

@@ -1,4 +1,4 @@
-"""Checkpoints as plain data (P-19): dicts of tensors, numbers, strings and lists, loadable with weights_only=True."""
+"""Checkpoints as plain data (docs/methods.md P-19): dicts of tensors, numbers, strings and lists, loadable with weights_only=True."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training inputs: backbone feature files, joined to SAE codes by image id (P-1), never by position."""
+"""Training inputs: backbone feature files, joined to SAE codes by image id (docs/methods.md P-1), never by position."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 `torchrun --nproc_per_node N -m metalign train …` sets RANK, LOCAL_RANK and WORLD_SIZE; without them the run is a
 single process. CUDA runs use NCCL, one GPU per local rank; CPU runs use gloo (tests). Ranks draw different
-episodes (the sampler is seeded by rank, P-15); evaluation episodes are sharded over ranks and their sums all-reduced,
+episodes (the sampler is seeded by rank, docs/methods.md P-15); evaluation episodes are sharded over ranks and their sums all-reduced,
 so every rank takes the same selection and early-stopping decisions.
 """
 

@@ -3,7 +3,7 @@
 Episodes come from the evaluation split's function file (functions never trained on), drawn once from a fixed seed
 (`EpisodeSampler.evaluation_set`): they depend only on that file, sl and the seed, so every backbone and every model
 trained on the same function set sees identical episodes (the file records their hash). Per position t: accuracy of
-1[σ(ℓ_t) > 0.5] against b_t, MSE over positive tokens, and MSE over all tokens, separately (P-26); episodes are
+1[σ(ℓ_t) > 0.5] against b_t, MSE over positive tokens, and MSE over all tokens, separately (docs/methods.md P-26); episodes are
 never padded. Models run in fp32, evaluation mode.
 """
 

@@ -6,10 +6,10 @@ rerun that resumes from it ends with the same weights as an uninterrupted run. T
 `out_metrics`) are written only when training ends, so their existence means a finished run.
 
 Data-parallel (torchrun, `metalign.train.distributed`): `batch_size` is the global batch, split evenly over ranks;
-rank 0 writes every file. The checkpoint records a hash of each rank's first batch (distinct episodes, P-15).
+rank 0 writes every file. The checkpoint records a hash of each rank's first batch (distinct episodes, docs/methods.md P-15).
 
 Saved weights are the schedule-free *x* sequence (the averaged weights that `optimizer.eval()` swaps in), i.e. the
-weights that were evaluated (P-18).
+weights that were evaluated (docs/methods.md P-18).
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def _train(config: TrainConfig, X_train: Features, codes_train: Codes, X_val: Fe
 
 
 def _batch_hash(batch: Any) -> str:
-    """Hash of one rank's first training batch: equal hashes across ranks would mean duplicated episodes (P-15)."""
+    """Hash of one rank's first training batch: equal hashes across ranks would mean duplicated episodes (docs/methods.md P-15)."""
     digest = hashlib.sha256()
     for array in batch if isinstance(batch, tuple) else (batch,):
         digest.update(np.ascontiguousarray(array).tobytes())

@@ -2,7 +2,7 @@
 
 Sequence models read episode tokens z_t = [m_{t-1}/sigma_m, x_t] through a causal core (`transformer`: RoPE
 attention blocks; `lstm`), a final LayerNorm and two heads (binary logit, magnitude). `no_embed` drops the embed
-layer: the token is x_t + w·m_{t-1}/sigma_m + b (hidden = D), so the model has no representation to encode (§8).
+layer: the token is x_t + w·m_{t-1}/sigma_m + b (hidden = D), so the model has no representation to encode (docs/methods.md §8).
 `static_linear` sees no episodes: r = LayerNorm(W x + c) and one binary + one magnitude head per training function.
 """
 
@@ -203,7 +203,7 @@ class MetaLearner(HurdleModel):
 class StaticLinear(HurdleModel):
     """Multi-task baseline: r = LayerNorm(W x + c), then a binary and a magnitude head per training function.
 
-    sigma_m holds each function's magnitude std, so magnitudes are fitted in per-function standard units (§5).
+    sigma_m holds each function's magnitude std, so magnitudes are fitted in per-function standard units (docs/methods.md §5).
     """
 
     representation = ("embed", "embed_norm")
@@ -233,7 +233,7 @@ def build_model(config: ModelConfig, sigma_m: float | Sequence[float]) -> Hurdle
 
 def parameter_groups(model: HurdleModel, weight_decay: float, decay_embed: bool = False) -> list[dict[str, Any]]:
     """The loss weights s1, s2 are never decayed; the representation (`embed`, docs/methods.md §7) only if decay_embed
-    (P-27: otherwise weight decay never reaches the evaluated layer); the rest is decayed."""
+    (docs/methods.md P-27: otherwise weight decay never reaches the evaluated layer); the rest is decayed."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         spared = name == "loss_log_var" or (not decay_embed and name.split(".")[0] in model.representation)

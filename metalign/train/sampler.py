@@ -1,16 +1,16 @@
 """Episodes (docs/methods.md §4): one kept function j, sl images, n_pos ~ round(N(sl/2, sl/20)) of them positives of j.
 
-Per-function positive lists are built once in CSR form (memory O(nnz), never a dense N x F matrix, P-41). An episode
+Per-function positive lists are built once in CSR form (memory O(nnz), never a dense N x F matrix, docs/methods.md P-41). An episode
 costs O(sl): the positives of a function with at most KEYED_NNZ·sl of them are its n_pos smallest under one random key
 each (a uniform subset, no redraws); other positives are drawn from j's list and negatives uniformly from all rows with
-rejection of j's positives, and duplicates are redrawn (P-43), in vectorised rounds over all still-open slots of a
+rejection of j's positives, and duplicates are redrawn (docs/methods.md P-43), in vectorised rounds over all still-open slots of a
 batch. Rejection looks a row up in a hashed bitmap of all (function, row) pairs (4–8 bytes per nnz) and bisects j's
 list only on a hit. Every draw comes from a generator seeded by (seed, stream, rank, step, block), so episodes are
-reproducible, independent of call order (resume) and of the number of sampler threads, and differ across ranks (P-15).
+reproducible, independent of call order (resume) and of the number of sampler threads, and differ across ranks (docs/methods.md P-15).
 
 Dense targets (neurons, docs/methods.md §3) add an (N, F) magnitude matrix: negatives then carry magnitudes too
 (x − median ≤ 0), membership is read from it in O(1), and the magnitude of a dense function is fitted on every token
-(`mse_mask`), that of a sparse one on positives only (§6).
+(`mse_mask`), that of a sparse one on positives only (docs/methods.md §6).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class EpisodeSampler:
     dense (N, F) float32, optional: magnitudes of every (row, function), with labels `dense_labels` (N, F) bool and
     per-function flags `mse_all` (F,) bool (fit the magnitude on every token).
     n_pos is clamped to [sl - max_draw, max_draw] (`max_episode_draw`), the bound that function selection guarantees
-    both positives and negatives for; it is validated here again (P-16).
+    both positives and negatives for; it is validated here again (docs/methods.md P-16).
     """
 
     def __init__(self, offsets: np.ndarray, rows: np.ndarray, mags: np.ndarray, n_rows: int, latent_id: np.ndarray,
@@ -135,7 +135,7 @@ class EpisodeSampler:
         return Batch(*(np.concatenate(arrays) for arrays in zip(*parts)))
 
     def evaluation_set(self, n_per_function: int, seed: int) -> EpisodeSet:
-        """The fixed evaluation episodes (P-17): n_per_function per kept function, ordered by function.
+        """The fixed evaluation episodes (docs/methods.md P-17): n_per_function per kept function, ordered by function.
 
         Depends only on the codes, sl and `seed` (not on rank or on this sampler's training seed), so every model and
         backbone is evaluated on identical episodes.

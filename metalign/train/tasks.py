@@ -83,7 +83,7 @@ class StaticTask:
         self.val_targets = self._targets(codes_val)
         self.val_rows = torch.arange(rank, codes_val.n_rows, world, device=device)
         std = codes_train.std.astype(np.float32)
-        self.sigma_m = np.where(std > 0, std, 1.0).astype(np.float32)  # per function (§5); constant ones: 1
+        self.sigma_m = np.where(std > 0, std, 1.0).astype(np.float32)  # per function (docs/methods.md §5); constant ones: 1
 
     def _targets(self, codes: Codes) -> tuple[torch.Tensor, ...]:
         if codes.kind == "sparse":

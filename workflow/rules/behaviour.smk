@@ -47,7 +47,7 @@ rule figure_things_ooo:
 
 
 
-# Behavioural alignment beyond the THINGS choice model (docs/methods.md §9.2–9.4, §9.8, §10, §11): Levels odd-one-out,
+# Behavioural alignment beyond the THINGS choice model (docs/methods.md §9.2–9.4, docs/methods.md §9.8, §10, §11): Levels odd-one-out,
 # category and reward learning, cached noise ceilings, paired group statistics (BMS, Wilcoxon, pseudo-R²) per
 # benchmark, representational geometry, and their figures. "base" (backbone features) is one job per backbone.
 

@@ -14,7 +14,7 @@ R = config["results"]
 RES = config["resources"]
 BACKBONES = list(config["backbones"])
 VARIANTS = list(config["variants"])
-ENCODED = [v for v in VARIANTS if has_representation(variant_params(config, v))]  # noemb: no encode() (§8)
+ENCODED = [v for v in VARIANTS if has_representation(variant_params(config, v))]  # noemb: no encode() (docs/methods.md §8)
 REPRESENTATIONS = ["base"] + ENCODED
 # Jobs call `python3 -m metalign …` with this interpreter first on PATH: the shell commands name no machine path.
 os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
@@ -73,7 +73,7 @@ def _source_features(wc, split=None):
 
 def _max_sl(fset: str) -> int:
     """Episode length that the selection must support: the longest of the variants on this set's root or any set
-    derived from it (P-16)."""
+    derived from it (docs/methods.md P-16)."""
     derived = set(members(FSETS, FSETS[fset].root))
     lengths = [variant_params(config, v)["sl"] for v in VARIANTS if config["variants"][v]["function_set"] in derived]
     return max(lengths, default=config["train"].get("sl", 120))
@@ -107,7 +107,7 @@ def _gpus(wc) -> int:
 
 
 def _launcher(wc) -> str:
-    """One process, or one per GPU through torchrun (ranks draw different episodes; P-15)."""
+    """One process, or one per GPU through torchrun (ranks draw different episodes; docs/methods.md P-15)."""
     n = _gpus(wc)
     if n == 1:
         return "python3 -m metalign"

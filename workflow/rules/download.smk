@@ -1,4 +1,4 @@
-# Verified downloads (P-60): one job per `downloads.items` entry fetches, verifies and places it before any compute
+# Verified downloads (docs/methods.md P-60): one job per `downloads.items` entry fetches, verifies and places it before any compute
 # job needs it (compute jobs run with the hubs offline). Each job writes the receipt {RES}/downloads/<item>.json last;
 # a single-file item also declares its file, so rules that read it (unique_id.txt, triplets) find their producer.
 # Datasets and backbones point `requires:` at receipts.

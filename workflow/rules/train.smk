@@ -25,7 +25,7 @@ rule encode:
     output:
         f"{R}/representations/{{dataset}}/{{backbone}}/{{variant}}.h5",
     wildcard_constraints:
-        variant="|".join(map(re.escape, ENCODED)) or "(?!)",  # no_embed variants have no representation (§8)
+        variant="|".join(map(re.escape, ENCODED)) or "(?!)",  # no_embed variants have no representation (docs/methods.md §8)
     log:
         f"{R}/logs/encode/{{dataset}}/{{backbone}}/{{variant}}.log",
     shell:
