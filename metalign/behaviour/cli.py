@@ -258,19 +258,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ceiling.add_argument("--out", required=True, type=Path, help="JSON: overall, by_type, repeated-triplet counts")
     ceiling.set_defaults(func=cmd_noise_ceiling)
 
-    fig_things = subparsers.add_parser("figure-things", help="THINGS odd-one-out bars from the summary table")
-    fig_things.add_argument("--table", required=True, type=Path, help="alignment/things_ooo.csv")
-    fig_things.add_argument("--out", required=True, type=Path, help="the figure (PNG)")
-    fig_things.set_defaults(func=cmd_figure_things)
+    for name, help_text, table, handler in (
+            ("figure-things", "THINGS odd-one-out bars from the summary table", "things_ooo", cmd_figure_things),
+            ("figure-geometry", "CKA and class separation bars from geometry.csv", "geometry", cmd_figure_geometry)):
+        figure = subparsers.add_parser(name, help=help_text)
+        figure.add_argument("--table", required=True, type=Path, help=f"alignment/{table}.csv")
+        figure.add_argument("--out", required=True, type=Path, help="the figure (PNG)")
+        figure.set_defaults(func=handler)
     fig_behaviour = subparsers.add_parser("figure-behaviour", help="pseudo-R² bars with PXP from a *_stats.csv table")
     fig_behaviour.add_argument("--stats", required=True, type=Path, help="alignment/<benchmark>_stats.csv")
     fig_behaviour.add_argument("--title", required=True, help="figure title")
     fig_behaviour.add_argument("--out", required=True, type=Path, help="the figure (PNG)")
     fig_behaviour.set_defaults(func=cmd_figure_behaviour)
-    fig_geometry = subparsers.add_parser("figure-geometry", help="CKA and class separation bars from geometry.csv")
-    fig_geometry.add_argument("--table", required=True, type=Path, help="alignment/geometry.csv")
-    fig_geometry.add_argument("--out", required=True, type=Path, help="the figure (PNG)")
-    fig_geometry.set_defaults(func=cmd_figure_geometry)
     tsne = subparsers.add_parser("figure-tsne", help="t-SNE of base and meta concept representations")
     tsne.add_argument("--base", required=True, type=Path, help="backbone features (HDF5)")
     tsne.add_argument("--meta", required=True, type=Path, help="meta-learned representation (HDF5)")

@@ -30,6 +30,7 @@ from metalign.brain.ridge import GroupedRidgeCV, alpha_grid
 from metalign.brain.stats import alpha_edges, r2_columns
 from metalign.brain.subject import Subject
 from metalign.io import DataContractError, file_sha256, library_versions, read_h5, write_h5
+from metalign.results import read_features
 
 log = logging.getLogger(__name__)
 EDGE_WARNING = 0.05  # warn when more than 5 % of voxels pick an α on the grid's edge (docs/methods.md P-22)
@@ -105,11 +106,6 @@ def encode(subject: Subject, features: np.ndarray, scheme: str, alphas: np.ndarr
                     folds=np.unique(labels), attrs=attrs)
 
 
-def read_features(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
-    arrays, ids, _ = read_h5(path, ["features"])
-    return arrays["features"].astype(np.float32), ids
-
-
 def write_encoding(path: str | os.PathLike, subject: Subject, result: Encoding, provenance: dict[str, Any]) -> None:
     arrays = {"r2": result.r2.astype(np.float32), "r2_norm": result.r2_norm.astype(np.float32),
               "alpha_index": result.alpha_index, "nc": subject.nc, "rois": subject.rois.astype(np.uint8)}
@@ -129,7 +125,8 @@ def run(subject: Subject, features_path: str | os.PathLike, out: str | os.PathLi
         alphas_spec: dict[str, float], n_inner: int, seed: int, n_folds: int | None, backend: str,
         standardize: bool) -> Encoding:
     """Match the subject's trials to the feature file by image id, encode, and write the result."""
-    features, ids = read_features(features_path)
+    features, ids, _ = read_features(features_path)
+    features = features.astype(np.float32)
     rows = stimulus_rows(subject, ids, str(features_path))
     alphas = alpha_grid(alphas_spec["log10_min"], alphas_spec["log10_max"], int(alphas_spec["n"]))
     result = encode(subject, features[rows], scheme, alphas, n_inner, seed, n_folds, backend, standardize)

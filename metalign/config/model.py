@@ -7,7 +7,7 @@ a misspelt key never silently falls back to a default.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Mapping, Self
 
 MODEL_TYPES = ("transformer", "lstm", "static_linear")
 SEQUENCE_TYPES = ("transformer", "lstm")  # episodic models; static_linear sees all functions of an image at once
@@ -27,6 +27,18 @@ class ModelSettings:
     rope_base: float = 10_000.0
     model_type: str = "transformer"        # transformer | lstm | static_linear
     no_embed: bool = False                 # sequence models without an embed layer (ICL curves only)
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any]) -> Self:
+        """Build from a flat dict; an unknown key is an error, so a misspelt key never falls back to a default."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**dict(cfg))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
@@ -86,17 +98,6 @@ class TrainConfig(ModelSettings):
             raise ValueError(f"train config: gpus must be >= 0, got {self.gpus}")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise ValueError(f"train config: eval_batch_size must be >= 1, got {self.eval_batch_size}")
-
-    @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"train config: unknown key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**dict(cfg))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def model_dict(self, d_in: int, n_functions: int) -> dict[str, Any]:
         """The model part of the config, for `ModelConfig.from_dict` (static_linear also needs the function count)."""

@@ -15,13 +15,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, TypeVar
 from urllib.parse import urlsplit
 
 import requests
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_TOKEN")
 _URL = re.compile(r"(https?://[^\s?#'\"]+)\?[^\s#'\"]*")
@@ -78,6 +79,24 @@ class Retry:
         """0 before the first attempt, then the backoff before each retry."""
         for attempt in range(self.attempts):
             yield 0.0 if attempt == 0 else self.delay(attempt)
+
+    def run(self, call: Callable[[], T], what: str, reset: Callable[[], None] | None = None,
+            sleep: Callable[[float], None] = time.sleep) -> T:
+        """The one retry loop of the download stage: `call` until it returns. A `Transient` failure is retried after
+        the backoff (`reset` first restores any state the attempt changed); anything else propagates at once; after
+        `attempts` transient failures a DownloadError names `what` and the last cause."""
+        last = ""
+        for delay in self.delays():
+            if delay:
+                log.warning("%s: %s; retrying in %.0f s", what, last, delay)
+                sleep(delay)
+            try:
+                return call()
+            except Transient as err:
+                last = redact(str(err))
+                if reset is not None:
+                    reset()
+        raise DownloadError(f"{what}: failed after {self.attempts} attempts: {last}")
 
 
 @dataclass
@@ -141,8 +160,8 @@ def access_denied(status: int, what: str, page: str) -> AccessDenied:
                         f"and export it as HF_TOKEN in the job environment")
 
 
-class _Transient(Exception):
-    """An attempt failed in a way worth retrying."""
+class Transient(Exception):
+    """An attempt failed in a way worth retrying (a dropped connection, 5xx, 429); the message says how."""
 
 
 def fetch(url: str, dest: str | Path, *, expected: Expected = Expected(), headers: Mapping[str, str] | None = None,
@@ -160,7 +179,7 @@ def fetch(url: str, dest: str | Path, *, expected: Expected = Expected(), header
         try:
             _attempt(session, url, part, dict(headers or {}), retry.timeout_s, what, gated_page)
             break
-        except _Transient as err:
+        except Transient as err:
             # An attempt that added bytes is progress, not a failure: a long transfer over a flaky link resumes until
             # it is complete; `attempts` failures in a row without progress give up.
             failures = 0 if part.exists() and part.stat().st_size > before else failures + 1
@@ -185,14 +204,14 @@ def fetch(url: str, dest: str | Path, *, expected: Expected = Expected(), header
 
 def _attempt(session: requests.Session, url: str, part: Path, headers: dict[str, str], timeout: float, what: str,
              gated_page: str | None) -> None:
-    """One request: append to `part` from its current size; raise _Transient for what a retry may fix."""
+    """One request: append to `part` from its current size; raise Transient for what a retry may fix."""
     offset = part.stat().st_size if part.exists() else 0
     if offset:
         headers["Range"] = f"bytes={offset}-"
     try:
         response = session.get(url, headers=headers, stream=True, timeout=timeout, allow_redirects=True)
     except (requests.ConnectionError, requests.Timeout) as err:
-        raise _Transient(f"connection failed: {type(err).__name__}") from None
+        raise Transient(f"connection failed: {type(err).__name__}") from None
     with response:
         status = response.status_code
         if status in (401, 403):
@@ -205,9 +224,9 @@ def _attempt(session: requests.Session, url: str, part: Path, headers: dict[str,
             if total.isdigit() and int(total) == offset:
                 return
             part.unlink()
-            raise _Transient("stale partial file rejected by the server (HTTP 416)")
+            raise Transient("stale partial file rejected by the server (HTTP 416)")
         if status == 429 or status >= 500:
-            raise _Transient(f"HTTP {status}")
+            raise Transient(f"HTTP {status}")
         if status >= 400:
             raise DownloadError(f"{what}: HTTP {status} {response.reason} for {safe_url(response.url or url)}")
         if status == 200 and offset:
@@ -217,7 +236,7 @@ def _attempt(session: requests.Session, url: str, part: Path, headers: dict[str,
             start = response.headers.get("Content-Range", "bytes 0-").split()[-1].split("-")[0]
             if not start.isdigit() or int(start) != offset:
                 part.unlink()
-                raise _Transient(f"server resumed at byte {start}, not {offset}")
+                raise Transient(f"server resumed at byte {start}, not {offset}")
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
         received = 0
@@ -229,6 +248,6 @@ def _attempt(session: requests.Session, url: str, part: Path, headers: dict[str,
                     received += len(block)
                     bar.update(len(block))
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
-                raise _Transient(f"transfer broke after {offset + received} bytes: {type(err).__name__}") from None
+                raise Transient(f"transfer broke after {offset + received} bytes: {type(err).__name__}") from None
         if total is not None and offset + received < total:
-            raise _Transient(f"truncated: {offset + received} of {total} bytes")
+            raise Transient(f"truncated: {offset + received} of {total} bytes")

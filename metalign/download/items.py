@@ -30,14 +30,13 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-import time
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import requests
 
-from metalign.download.http import (Digests, DownloadError, Expected, Retry, access_denied, fetch,
+from metalign.download.http import (Digests, DownloadError, Expected, Retry, Transient, access_denied, fetch,
                                  hub_headers, redact, safe_url)
 from metalign.io import write_json
 
@@ -139,15 +138,12 @@ def _replace_dir(src: Path, dest: Path, expect: Sequence[str] = (), what: str = 
         old.unlink()
 
 
-def _retrying(call: Any, what: str, retry: Retry) -> Any:
-    """Run a metadata request; transient failures are retried with backoff, HTTP 4xx (and our own errors) fail at once."""
+def _retrying(call: Callable[[], Any], what: str, retry: Retry) -> Any:
+    """Run a metadata request through `Retry.run`: transport errors, HTTP 5xx and 429 are transient; other HTTP 4xx
+    (and our own errors) fail at once."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    last = ""
-    for delay in retry.delays():
-        if delay:
-            log.warning("%s: %s; retrying in %.0f s", what, last, delay)
-            time.sleep(delay)
+    def attempt() -> Any:
         try:
             return call()
         except DownloadError:
@@ -156,10 +152,10 @@ def _retrying(call: Any, what: str, retry: Retry) -> Any:
             status = err.response.status_code if err.response is not None else 0
             if status and status < 500 and status != 429:
                 raise
-            last = f"HTTP {status}"
+            raise Transient(f"HTTP {status}") from None
         except Exception as err:  # noqa: BLE001 - transport errors of requests and of the hub client (no common base)
-            last = type(err).__name__
-    raise DownloadError(f"{what}: failed after {retry.attempts} attempts: {redact(last)}")
+            raise Transient(type(err).__name__) from None
+    return retry.run(attempt, what)
 
 
 # ----------------------------------------------------------------------------------------------- archives

@@ -19,16 +19,15 @@ import logging
 import os
 import pickle
 import tarfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import requests
 import urllib3
 from tqdm import tqdm
 
-from metalign.download.http import Digests, DownloadError, Expected, Retry, access_denied, redact
+from metalign.download.http import Digests, DownloadError, Expected, Retry, Transient, access_denied
 from metalign.io import write_json
 from metalign.images.webdataset import iter_samples
 
@@ -165,22 +164,18 @@ class _HashingStream(io.RawIOBase):
             pass
 
 
-class _Transient(Exception):
-    pass
-
-
 def _stream_shard(shard: Shard, selections: list[Selection], out: Path, session: requests.Session, timeout: float,
                   page: str, what: str) -> dict[str, Any]:
     """Stream one shard, writing selected samples to `<out>/<selection>/<shard>.tmp`; returns the shard's marker."""
     try:
         response = session.get(shard.url, headers=dict(shard.headers), stream=True, timeout=timeout)
     except (requests.ConnectionError, requests.Timeout) as err:
-        raise _Transient(type(err).__name__) from None
+        raise Transient(type(err).__name__) from None
     with response:
         if response.status_code in (401, 403):
             raise access_denied(response.status_code, what, page)
         if response.status_code == 429 or response.status_code >= 500:
-            raise _Transient(f"HTTP {response.status_code}")
+            raise Transient(f"HTTP {response.status_code}")
         if response.status_code >= 400:
             raise DownloadError(f"{what}: HTTP {response.status_code} {response.reason}")
         response.raw.decode_content = True
@@ -203,7 +198,7 @@ def _stream_shard(shard: Shard, selections: list[Selection], out: Path, session:
                         _write_sample(writers[selection.name], chosen, sample)
             stream.drain()
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, tarfile.TarError) as err:
-            raise _Transient(f"stream broke after {stream.size} bytes: {type(err).__name__}") from None
+            raise Transient(f"stream broke after {stream.size} bytes: {type(err).__name__}") from None
         finally:
             for writer in writers.values():
                 writer.close()
@@ -221,22 +216,14 @@ def _write_sample(tar: tarfile.TarFile, key: str, sample: Mapping[str, Any]) -> 
         tar.addfile(info, io.BytesIO(data))
 
 
-def _stream_with_retries(shard: Shard, selections: list[Selection], out: Path, session: requests.Session,
-                         retry: Retry, page: str, what: str) -> dict[str, Any]:
-    """A broken stream restarts the shard from its first byte, with the selections' state as before it."""
+def _restorer(selections: list[Selection]) -> Callable[[], None]:
+    """A broken stream restarts its shard from the first byte: this puts every selection back as it was before."""
     before = [s.state() for s in selections]
-    last = ""
-    for delay in retry.delays():
-        if delay:
-            log.warning("%s: %s; retrying in %.0f s", what, last, delay)
-            time.sleep(delay)
-        try:
-            return _stream_shard(shard, selections, out, session, retry.timeout_s, page, what)
-        except _Transient as err:
-            last = redact(str(err))
-            for selection, state in zip(selections, before):
-                selection.restore(state)
-    raise DownloadError(f"{what}: failed after {retry.attempts} attempts: {last}")
+
+    def reset() -> None:
+        for selection, state in zip(selections, before):
+            selection.restore(state)
+    return reset
 
 
 def select_samples(shards: list[Shard], spec: Mapping[str, Mapping[str, Any]], work: Path, receipts: Path,
@@ -257,7 +244,9 @@ def select_samples(shards: list[Shard], spec: Mapping[str, Mapping[str, Any]], w
                 for chosen, label in record["taken"][selection.name]:
                     selection.take(chosen, label)
         else:
-            record = _stream_with_retries(shard, selections, out, session, retry, page, f"{item}: {shard.name}")
+            what = f"{item}: {shard.name}"
+            record = retry.run(lambda: _stream_shard(shard, selections, out, session, retry.timeout_s, page, what),
+                               what, reset=_restorer(selections))
             for selection in selections:
                 tmp = out / selection.name / (Path(shard.name).name + ".tmp")
                 if tmp.exists():

@@ -8,7 +8,7 @@ layer: the token is x_t + w·m_{t-1}/sigma_m + b (hidden = D), so the model has 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -41,17 +41,6 @@ class ModelConfig(ModelSettings):
             raise ValueError("model config: n_functions is set for (and only for) static_linear")
         if self.n_functions is not None and self.n_functions < 1:
             raise ValueError(f"model config: n_functions must be >= 1, got {self.n_functions}")
-
-    @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"model config: unknown key(s) {unknown}")
-        return cls(**dict(cfg))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @property
     def episodic(self) -> bool:
