@@ -13,7 +13,10 @@ The stimuli are the demo world's THINGS images. A voxel's response to an image i
 so an encoding model given the planted features can recover the signal, and a CV scheme that lets an image's
 repetitions sit in training and test can also fit η: the leak that the leakage-free schemes remove (docs/methods.md P-20).
 ROI voxels carry the signal (amplitude U(0.6, 1.2)), others little (U(0, 0.3)), so the noise-ceiling selection has
-something to select. Noise ceilings in the metadata are computed from the simulated repeats, as in the release.
+something to select. The noise ceilings in the metadata are the simulation's true ones, from the generating
+variances (not from the evaluator's estimator, so that the demo tests can check that estimator):
+    S_v = variance over the test images of amplitude_v · (signal + image-specific part),   N = session_sd² + trial_sd²
+    NC_v(n) = S_v / (S_v + N / n)                                      (n = 1: nc_singletrial; n = sessions: nc_testset)
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import pandas as pd
 
 from metalign.brain.bold5000 import BETAS, IMAGE_NAMES, LISTS, REPEAT_PREFIX, ROI_FILES, RUN_LIST
 from metalign.brain.hdf import write_frame
-from metalign.brain.stats import noise_ceiling
 from metalign.brain.things import RESPONSE_KEY
 from metalign.config.demo import validate_fmri
 from metalign.demo.streams import stream_rng as _rng
@@ -80,14 +82,21 @@ def _unit_signal(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def _responses(rng: np.random.Generator, signal: np.ndarray, amplitude: np.ndarray, image_of_trial: np.ndarray,
-               session_of_trial: np.ndarray, spec: Mapping[str, float]) -> np.ndarray:
+               session_of_trial: np.ndarray, spec: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Trial responses (trials × voxels) and each image's noise-free response (images × voxels)."""
     n_images, n_voxels = signal.shape
     image_part = rng.standard_normal((n_images, n_voxels)) * spec["image_sd"]
     sessions, session_code = np.unique(session_of_trial, return_inverse=True)
     session_part = rng.standard_normal((len(sessions), n_voxels)) * spec["session_sd"]
     trial_part = rng.standard_normal((len(image_of_trial), n_voxels)) * spec["trial_sd"]
     stimulus = amplitude * (signal + image_part)
-    return (stimulus[image_of_trial] + session_part[session_code] + trial_part).astype(np.float32)
+    return (stimulus[image_of_trial] + session_part[session_code] + trial_part).astype(np.float32), stimulus
+
+
+def true_noise_ceiling(stimulus: np.ndarray, spec: Mapping[str, float], n_average: int = 1) -> np.ndarray:
+    """NC (0..1) of the mean of `n_average` repetitions, from the generating variances: S / (S + N / n)."""
+    signal_var = stimulus.var(axis=0, ddof=1)
+    return signal_var / (signal_var + (spec["session_sd"] ** 2 + spec["trial_sd"] ** 2) / n_average)
 
 
 def _runs(n_trials: int, n_runs: int) -> np.ndarray:
@@ -158,15 +167,16 @@ def write_things_subject(out: Path, p: int, images: list[str], features: np.ndar
         weights[np.ix_(dims, members)] += rng.standard_normal((len(dims), int(members.sum())))
     design = _things_design(images, spec, _rng(seed, Stream.DESIGN, p))
     image_of_trial = design["image"].to_numpy()
-    betas = _responses(_rng(seed, Stream.RESPONSES, p), _unit_signal(features, weights), amplitude,
-                       image_of_trial, design["session"].to_numpy(), spec)
+    betas, stimulus = _responses(_rng(seed, Stream.RESPONSES, p), _unit_signal(features, weights), amplitude,
+                                 image_of_trial, design["session"].to_numpy(), spec)
     test = design["trial_type"].to_numpy() == "test"
+    test_stimulus = stimulus[np.unique(image_of_trial[test])]
     split_r, split_sb = _split_half(betas, design)
     voxels = pd.DataFrame({
         "voxel_id": np.arange(len(xyz)), "subject_id": p, "voxel_x": xyz[:, 0], "voxel_y": xyz[:, 1],
         "voxel_z": xyz[:, 2],
-        "nc_singletrial": 100 * noise_ceiling(betas[test], image_of_trial[test]),
-        "nc_testset": 100 * noise_ceiling(betas[test], image_of_trial[test], n_average=spec["n_sessions"]),
+        "nc_singletrial": 100 * true_noise_ceiling(test_stimulus, spec),
+        "nc_testset": 100 * true_noise_ceiling(test_stimulus, spec, n_average=spec["n_sessions"]),
         "splithalf_uncorrected": split_r, "splithalf_corrected": split_sb,
         "prf-eccentricity": 0.0, "prf-polarangle": 0.0, "prf-rsquared": 0.0, "prf-size": 0.0})
     voxels = pd.concat([voxels, rois], axis=1)
@@ -216,8 +226,8 @@ def write_bold5000_subject(out: Path, s: int, images: list[str], features: np.nd
     amplitude = np.where(vrng.random(n_voxels) < 0.7, vrng.uniform(*AMPLITUDE_IN_ROI, n_voxels),
                          vrng.uniform(*AMPLITUDE_OUTSIDE, n_voxels))
     weights = vrng.standard_normal((features.shape[1], n_voxels))
-    betas = _responses(_rng(seed, Stream.RESPONSES, 100 + s), _unit_signal(all_features, weights), amplitude,
-                       design["image"].to_numpy(), design["session"].to_numpy(), spec)
+    betas, _ = _responses(_rng(seed, Stream.RESPONSES, 100 + s), _unit_signal(all_features, weights), amplitude,
+                          design["image"].to_numpy(), design["session"].to_numpy(), spec)
     for k, roi in enumerate(ROI_FILES):
         path = out / BETAS.format(subject=subject, roi=roi)
         with atomic_path(path, suffix=".npy") as tmp:

@@ -4,17 +4,21 @@
   `within_class` (three concepts of one shape), `between_class` (three shapes), `class_border` (two and one), plus
   untyped (None) trials, non-experimental trials, repeats in a shuffled order and trials naming an image that does
   not exist. Paths are Levels-style (`images/<class>/<stem>.JPEG`) whose stems are the THINGS file stems.
-- Category learning: labels are a threshold on one graded planted dimension; choices come from the evaluator's own
-  online logistic learner on the planted features (C = 1) through the softmax choice rule.
-- Reward learning: rewards are 0–100 rescalings of one graded planted dimension; choices come from the evaluator's
-  online Bayesian ridge learner on the planted features through softmax(v / T).
+- Category learning: labels are a threshold on one graded planted dimension; choices come from an online
+  learner on the planted features through the softmax choice rule: at trial t, scikit-learn's
+  LogisticRegression (C = 1) refitted on trials < t.
+- Reward learning: rewards are 0–100 rescalings of one graded planted dimension; choices come from scikit-learn's
+  BayesianRidge refitted on both options of trials < t, through softmax(v / T).
 
-In every task the planted embedding is the generating model, so evaluations have a known answer.
+In every task the planted embedding is the generating model, so evaluations have a known answer. The learners here
+are plain scikit-learn refits, deliberately not the evaluator's exact fast learners (metalign.behaviour.learning),
+so that a bug in those shows up in the demo's known-answer tests instead of being simulated into the data.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from dataclasses import dataclass
 from enum import IntEnum
@@ -23,17 +27,18 @@ from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
+from sklearn.linear_model import BayesianRidge, LogisticRegression
 from threadpoolctl import threadpool_limits
 
 from metalign.config.demo import validate_behaviour
 from metalign.demo.behaviour import log_choice_probabilities, odd_one_out_logits
 from metalign.demo.factors import planted_embedding, sample_concepts
 from metalign.demo.streams import stream_rng as _rng
-from metalign.behaviour.learning import LOG_VALUE_FLOOR, online_bayesian_ridge, online_logistic, span_coordinates
 from metalign.behaviour.levels import NONE_TYPE, TRIPLET_TYPES, stem
 from metalign.io import atomic_path, write_csv, write_json
 
 CATEGORY_C = 1.0
+LOG_VALUE_FLOOR = math.log(1e-15)     # values are clipped at 1e-15 before the log (docs/methods.md §9.3)
 
 
 class Stream(IntEnum):
@@ -158,6 +163,29 @@ def simulate_levels(images: DemoImages, spec: Mapping[str, Any], seed: int) -> t
 # --------------------------------------------------------------------------------------------- learning tasks
 
 
+def reference_category_values(features: np.ndarray, labels: np.ndarray, c: float = CATEGORY_C) -> np.ndarray:
+    """(n, 2) log class probabilities of trial t from LogisticRegression(C=c) refitted on trials < t; log ½ until
+    both classes have occurred."""
+    values = np.full((len(labels), 2), math.log(0.5))
+    for t in range(1, len(labels)):
+        if len(np.unique(labels[:t])) == 2:
+            model = LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(features[:t], labels[:t])
+            values[t] = model.predict_log_proba(features[t:t + 1])[0]
+    return np.maximum(values, LOG_VALUE_FLOOR)
+
+
+def reference_reward_values(left: np.ndarray, right: np.ndarray, reward_left: np.ndarray,
+                            reward_right: np.ndarray) -> np.ndarray:
+    """(n, 2) predicted rewards of trial t's options from BayesianRidge refitted on both options of trials < t
+    (0 on the first trial)."""
+    values = np.zeros((len(left), 2))
+    for t in range(1, len(left)):
+        x = np.stack([left[:t], right[:t]], axis=1).reshape(2 * t, -1)
+        y = np.stack([reward_left[:t], reward_right[:t]], axis=1).ravel()
+        values[t] = BayesianRidge().fit(x, y).predict(np.stack([left[t], right[t]]))
+    return values
+
+
 def graded_dimensions(embedding: np.ndarray, min_levels: int = 4) -> np.ndarray:
     """Planted dimensions with at least `min_levels` distinct values across concepts (no one-hot factor codes)."""
     return np.flatnonzero([len(np.unique(np.round(col, 6))) >= min_levels for col in embedding.T])
@@ -169,7 +197,7 @@ def stimulus(image_id: str) -> str:
 
 
 def simulate_category(images: DemoImages, spec: Mapping[str, Any], seed: int) -> tuple[pd.DataFrame, dict]:
-    """category_learning.csv rows; choices from the online logistic learner on planted features + softmax."""
+    """category_learning.csv rows; choices from the reference logistic learner on planted features + softmax."""
     dims = graded_dimensions(images.embedding)
     rows, truth = [], {"temperature": spec["temperature"], "C": CATEGORY_C, "participants": {}}
     for p in range(spec["n_participants"]):
@@ -179,8 +207,7 @@ def simulate_category(images: DemoImages, spec: Mapping[str, Any], seed: int) ->
         threshold = float(np.median(values))
         shown = rng.choice(len(images.image_ids), spec["n_trials"], replace=len(images.image_ids) < spec["n_trials"])
         label = (values[shown] > threshold).astype(np.int64)
-        z, _ = span_coordinates(images.features()[shown])
-        log_v = np.maximum(online_logistic(z, label, CATEGORY_C), LOG_VALUE_FLOOR)
+        log_v = reference_category_values(images.features()[shown], label)
         choice = _choose(rng, log_choice_probabilities(log_v, spec["temperature"]))
         rows += [{"participant": f"sub-{p + 1:03d}", "trial": t, "image": stimulus(images.image_ids[i]),
                   "choice": int(c), "true_category_binary": int(y)}
@@ -191,7 +218,7 @@ def simulate_category(images: DemoImages, spec: Mapping[str, Any], seed: int) ->
 
 
 def simulate_reward(images: DemoImages, spec: Mapping[str, Any], seed: int) -> tuple[pd.DataFrame, dict]:
-    """reward_learning.csv rows; choices from the online Bayesian ridge learner on planted features + softmax."""
+    """reward_learning.csv rows; choices from the reference Bayesian ridge learner on planted features + softmax."""
     dims = graded_dimensions(images.embedding)
     rows, truth = [], {"temperature": spec["temperature"], "participants": {}}
     for p in range(spec["n_participants"]):
@@ -200,9 +227,9 @@ def simulate_reward(images: DemoImages, spec: Mapping[str, Any], seed: int) -> t
         loading = images.embedding[:, dim]
         reward_of = np.round(100 * (loading - loading.min()) / (loading.max() - loading.min()))[images.concept]
         pairs = np.array([rng.choice(len(images.image_ids), 2, replace=False) for _ in range(spec["n_trials"])])
-        z, basis = span_coordinates(images.features()[pairs.T.ravel()])
-        values = online_bayesian_ridge(z[:len(pairs)], z[len(pairs):], reward_of[pairs[:, 0]],
-                                       reward_of[pairs[:, 1]], basis)
+        features = images.features()
+        values = reference_reward_values(features[pairs[:, 0]], features[pairs[:, 1]], reward_of[pairs[:, 0]],
+                                         reward_of[pairs[:, 1]])
         choice = _choose(rng, log_choice_probabilities(values, spec["temperature"]))
         better = (reward_of[pairs[:, 1]] > reward_of[pairs[:, 0]]).astype(int)
         rows += [{"participant": f"sub-{p + 1:03d}", "trial": t, "left_image": stimulus(images.image_ids[a]),
@@ -232,7 +259,7 @@ def generate_behaviour(world: str | Path, out: str | Path, spec: Mapping[str, An
     spec = validate_behaviour(spec)
     out = Path(out)
     images = read_world(world)
-    with threadpool_limits(limits=1):            # many tiny fits: see metalign.behaviour.learning._sessions
+    with threadpool_limits(limits=1):            # thousands of tiny fits gain nothing from BLAS threads
         levels, levels_truth = simulate_levels(images, spec["levels"], spec["seed"])
         category, category_truth = simulate_category(images, spec["category"], spec["seed"])
         reward, reward_truth = simulate_reward(images, spec["reward"], spec["seed"])

@@ -14,10 +14,10 @@ rule things_ooo:
     output:
         trials=f"{R}/alignment/things_ooo/{{backbone}}/{{variant}}.parquet",
         summary=f"{R}/alignment/things_ooo/{{backbone}}/{{variant}}.json",
-    params:
-        seed=THINGS["seed"],
     log:
         f"{R}/logs/things_ooo/{{backbone}}/{{variant}}.log",
+    params:
+        seed=THINGS["seed"],
     shell:
         "python3 -m metalign evaluate-things --triplets {input.triplets} --unique-ids {input.unique_ids} --manifest {input.manifest}"
         " --features {input.features} --label {wildcards.variant} --seed {params.seed} --noise-ceiling {input.ceiling}"
@@ -44,7 +44,6 @@ rule figure_things_ooo:
         f"{R}/logs/figures/things_ooo.log",
     shell:
         "python3 -m metalign figure-things --table {input} --out {output} 2> {log}"
-
 
 
 # Behavioural alignment beyond the THINGS choice model (docs/methods.md §9.2–9.4, docs/methods.md §9.8, §10, §11): Levels odd-one-out,
@@ -98,11 +97,11 @@ if LEVELS:
         output:
             trials=f"{R}/alignment/levels_ooo/{{backbone}}/{{variant}}.parquet",
             summary=f"{R}/alignment/levels_ooo/{{backbone}}/{{variant}}.json",
-        params:
-            seed=LEVELS["seed"],
-        threads: 2
         log:
             f"{R}/logs/levels_ooo/{{backbone}}/{{variant}}.log",
+        threads: 2
+        params:
+            seed=LEVELS["seed"],
         shell:
             "python3 -m metalign evaluate-levels --levels {input.levels} --manifest {input.manifest} --features {input.features}"
             " --label {wildcards.variant} --seed {params.seed} --noise-ceiling {input.ceiling}"
@@ -118,10 +117,10 @@ if CATEGORY:
         output:
             trials=f"{R}/alignment/category_learning/{{backbone}}/{{variant}}.parquet",
             summary=f"{R}/alignment/category_learning/{{backbone}}/{{variant}}.json",
-        params:
-            c_selection=CATEGORY.get("c_selection", "cv"),
         log:
             f"{R}/logs/category_learning/{{backbone}}/{{variant}}.log",
+        params:
+            c_selection=CATEGORY.get("c_selection", "cv"),
         shell:
             "python3 -m metalign evaluate-category --table {input.table} --features {input.features} --label {wildcards.variant}"
             " --c-selection {params.c_selection} --out-trials {output.trials} --out-summary {output.summary} 2> {log}"
@@ -145,11 +144,14 @@ if REWARD:
 
 rule behaviour_stats:
     input:
-        trials=lambda wc: expand(f"{R}/alignment/{wc.bench}/{{backbone}}/{{variant}}.parquet", backbone=BACKBONES,
-                                 variant=REPRESENTATIONS),
+        trials=lambda wc: expand(
+            f"{R}/alignment/{wc.bench}/{{backbone}}/{{variant}}.parquet", backbone=BACKBONES, variant=REPRESENTATIONS
+        ),
         ceiling=lambda wc: f"{R}/alignment/noise_ceiling/{CEILINGS[wc.bench]}.json" if wc.bench in CEILINGS else [],
     output:
         f"{R}/alignment/{{bench}}_stats.csv",
+    log:
+        f"{R}/logs/behaviour_stats/{{bench}}.log",
     wildcard_constraints:
         bench="|".join(BEHAVIOUR) or "^$",
     params:
@@ -159,8 +161,6 @@ rule behaviour_stats:
         groups=" ".join(f"--group {name}={','.join(members)}" for name, members in STATS.get("groups", {}).items()),
         reference=REFERENCE,
         seed=STATS.get("seed", config["seed"]),
-    log:
-        f"{R}/logs/behaviour_stats/{{bench}}.log",
     shell:
         "python3 -m metalign behaviour-stats --benchmark {wildcards.bench} --trials {input.trials} --n-choices {params.n_choices}"
         " {params.ceiling} {params.subset} {params.groups} --reference {params.reference} --seed {params.seed}"
@@ -169,14 +169,15 @@ rule behaviour_stats:
 
 rule behaviour_table:
     input:
-        lambda wc: expand(f"{R}/alignment/{wc.table}/{{backbone}}/{{variant}}.json", backbone=BACKBONES,
-                          variant=REPRESENTATIONS),
+        lambda wc: expand(
+            f"{R}/alignment/{wc.table}/{{backbone}}/{{variant}}.json", backbone=BACKBONES, variant=REPRESENTATIONS
+        ),
     output:
         f"{R}/alignment/{{table}}.csv",
-    wildcard_constraints:
-        table="|".join(TABLES) or "^$",
     log:
         f"{R}/logs/tables/{{table}}.log",
+    wildcard_constraints:
+        table="|".join(TABLES) or "^$",
     shell:
         "python3 -m metalign collect-summaries --summaries {input} --out {output} 2> {log}"
 
@@ -192,13 +193,13 @@ if GEOMETRY:
             metadata=GEOMETRY["metadata"],
         output:
             f"{R}/alignment/geometry/{{backbone}}/{{variant}}.json",
+        log:
+            f"{R}/logs/geometry/{{backbone}}/{{variant}}.log",
         params:
             columns=" ".join(f"'{c}'" for c in GEOMETRY["label_columns"]),
             id_column=GEOMETRY.get("id_column", "uniqueID"),
             n_bootstrap=GEOMETRY.get("n_bootstrap", 100),
             seed=GEOMETRY["seed"],
-        log:
-            f"{R}/logs/geometry/{{backbone}}/{{variant}}.log",
         shell:
             "python3 -m metalign evaluate-geometry --features {input.features} --manifest {input.manifest}"
             " --unique-ids {input.unique_ids} --embedding {input.embedding} --metadata {input.metadata}"
@@ -223,15 +224,19 @@ if GEOMETRY:
             unique_ids=config["datasets"][GEOMETRY["dataset"]]["unique_ids"],
             metadata=GEOMETRY["metadata"],
         output:
-            report(f"{R}/figures/tsne/{{backbone}}.png", caption="../report/tsne.rst", category="Geometry",
-                   subcategory="t-SNE"),
+            report(
+                f"{R}/figures/tsne/{{backbone}}.png",
+                caption="../report/tsne.rst",
+                category="Geometry",
+                subcategory="t-SNE",
+            ),
+        log:
+            f"{R}/logs/figures/tsne/{{backbone}}.log",
         params:
             colour=GEOMETRY["tsne_colour"],
             reference=REFERENCE,
             id_column=GEOMETRY.get("id_column", "uniqueID"),
             seed=GEOMETRY["seed"],
-        log:
-            f"{R}/logs/figures/tsne/{{backbone}}.log",
         shell:
             "python3 -m metalign figure-tsne --base {input.base} --meta {input.meta} --manifest {input.manifest}"
             " --unique-ids {input.unique_ids} --metadata {input.metadata} --id-column '{params.id_column}'"
@@ -244,10 +249,10 @@ rule figure_behaviour:
         f"{R}/alignment/{{bench}}_stats.csv",
     output:
         report(f"{R}/figures/{{bench}}_r2.png", caption="../report/behaviour_r2.rst", category="Behaviour"),
-    wildcard_constraints:
-        bench="|".join(BEHAVIOUR) or "^$",
     log:
         f"{R}/logs/figures/{{bench}}_r2.log",
+    wildcard_constraints:
+        bench="|".join(BEHAVIOUR) or "^$",
     shell:
         "python3 -m metalign figure-behaviour --stats {input} --title '{wildcards.bench}: McFadden R² across participants'"
         " --out {output} 2> {log}"

@@ -9,38 +9,48 @@ if "things_fmri" in BRAIN:
 
     rule brain_prepare_things:
         input:
-            lambda wc: BRAIN["things_fmri"].get("requires") or [
+            lambda wc: BRAIN["things_fmri"].get("requires")
+            or [
                 f"{BRAIN['things_fmri']['betas_dir']}/sub-{wc.subject}_{name}"
-                for name in ("ResponseData.h5", "VoxelMetadata.csv", "StimulusMetadata.csv")],
+                for name in ("ResponseData.h5", "VoxelMetadata.csv", "StimulusMetadata.csv")
+            ],
         output:
             f"{R}/brain/things_fmri/subjects/sub-{{subject}}.h5",
+        log:
+            f"{R}/logs/brain/things_fmri/prepare_sub-{{subject}}.log",
+        wildcard_constraints:
+            subject="[0-9]+",
         params:
             betas_dir=BRAIN["things_fmri"]["betas_dir"],
             nc_threshold=BRAIN["things_fmri"]["nc_threshold"],
-        wildcard_constraints:
-            subject="[0-9]+",
-        log:
-            f"{R}/logs/brain/things_fmri/prepare_sub-{{subject}}.log",
         shell:
             "python3 -m metalign brain-prepare-things --betas-dir {params.betas_dir} --subject {wildcards.subject}"
             " --nc-threshold {params.nc_threshold} --out {output} 2> {log}"
 
     rule figure_brain_volume:
         input:
-            base=lambda wc: _brain_encodings("things_fmri", BRAIN["things_fmri"]["schemes"][:1], [wc.backbone],
-                                             ["base"]),
-            meta=lambda wc: _brain_encodings("things_fmri", BRAIN["things_fmri"]["schemes"][:1], [wc.backbone],
-                                             [BRAIN["things_fmri"]["figure_variant"]]),
-            masks=lambda wc: BRAIN["things_fmri"].get("requires") or [
-                BRAIN["things_fmri"]["masks"].format(subject=s) for s in BRAIN["things_fmri"]["subjects"]],
+            base=lambda wc: _brain_encodings(
+                "things_fmri", BRAIN["things_fmri"]["schemes"][:1], [wc.backbone], ["base"]
+            ),
+            meta=lambda wc: _brain_encodings(
+                "things_fmri",
+                BRAIN["things_fmri"]["schemes"][:1],
+                [wc.backbone],
+                [BRAIN["things_fmri"]["figure_variant"]],
+            ),
+            masks=lambda wc: BRAIN["things_fmri"].get("requires")
+            or [BRAIN["things_fmri"]["masks"].format(subject=s) for s in BRAIN["things_fmri"]["subjects"]],
         output:
-            report(f"{R}/figures/brain/things_fmri_volume_{{backbone}}.png",
-                   caption="../report/brain_volume.rst", category="Brain"),
+            report(
+                f"{R}/figures/brain/things_fmri_volume_{{backbone}}.png",
+                caption="../report/brain_volume.rst",
+                category="Brain",
+            ),
+        log:
+            f"{R}/logs/figures/brain/things_fmri_volume_{{backbone}}.log",
         params:
             masks=[BRAIN["things_fmri"]["masks"].format(subject=s) for s in BRAIN["things_fmri"]["subjects"]],
             variant=BRAIN["things_fmri"]["figure_variant"],
-        log:
-            f"{R}/logs/figures/brain/things_fmri_volume_{{backbone}}.log",
         shell:
             "python3 -m metalign figure-brain-volume --base {input.base} --meta {input.meta} --masks {params.masks}"
             " --label {params.variant}"
@@ -55,16 +65,16 @@ if "bold5000" in BRAIN:
             BRAIN["bold5000"].get("requires", []),
         output:
             f"{R}/brain/bold5000/subjects/{{subject}}.h5",
+        log:
+            f"{R}/logs/brain/bold5000/prepare_{{subject}}.log",
+        wildcard_constraints:
+            subject="CSI[0-9]+",
         params:
             root=BRAIN["bold5000"]["root"],
             nc_threshold=BRAIN["bold5000"]["nc_threshold"],
             roi_files=BRAIN["bold5000"]["roi_files"],
             excluded=BRAIN["bold5000"]["exclude_prefixes"],
             zscore="--zscore-sessions" if BRAIN["bold5000"]["zscore_sessions"] else "--no-zscore-sessions",
-        wildcard_constraints:
-            subject="CSI[0-9]+",
-        log:
-            f"{R}/logs/brain/bold5000/prepare_{{subject}}.log",
         shell:
             "python3 -m metalign brain-prepare-bold5000 --root {params.root} --subject {wildcards.subject}"
             " --nc-threshold {params.nc_threshold} --rois {params.roi_files} {params.zscore}"
@@ -77,13 +87,8 @@ rule brain_encode:
         features=lambda wc: features_path(BRAIN[wc.bench]["dataset"], wc.backbone, wc.variant),
     output:
         f"{R}/brain/{{bench}}/{{scheme}}/{{backbone}}/{{variant}}/{{subject}}.h5",
-    params:
-        alphas=lambda wc: as_json(BRAIN[wc.bench]["alphas"]),
-        n_inner=lambda wc: BRAIN[wc.bench]["n_inner"],
-        n_folds=lambda wc: f"--n-folds {BRAIN[wc.bench]['n_folds']}" if "n_folds" in BRAIN[wc.bench] else "",
-        seed=lambda wc: BRAIN[wc.bench]["seed"],
-        backend=lambda wc: BRAIN[wc.bench]["backend"],
-        standardize=lambda wc: "--standardize" if BRAIN[wc.bench]["standardize"] else "",
+    log:
+        f"{R}/logs/brain/{{bench}}/{{scheme}}/{{backbone}}/{{variant}}/{{subject}}.log",
     wildcard_constraints:
         bench="things_fmri|bold5000",
         scheme="heldout_session|image_kfold|upstream_leaky",
@@ -92,8 +97,13 @@ rule brain_encode:
     resources:
         gpu=lambda wc: int(BRAIN[wc.bench].get("gpu", False)),
         mem_mb=lambda wc: BRAIN[wc.bench].get("mem_mb", 8000),
-    log:
-        f"{R}/logs/brain/{{bench}}/{{scheme}}/{{backbone}}/{{variant}}/{{subject}}.log",
+    params:
+        alphas=lambda wc: as_json(BRAIN[wc.bench]["alphas"]),
+        n_inner=lambda wc: BRAIN[wc.bench]["n_inner"],
+        n_folds=lambda wc: f"--n-folds {BRAIN[wc.bench]['n_folds']}" if "n_folds" in BRAIN[wc.bench] else "",
+        seed=lambda wc: BRAIN[wc.bench]["seed"],
+        backend=lambda wc: BRAIN[wc.bench]["backend"],
+        standardize=lambda wc: "--standardize" if BRAIN[wc.bench]["standardize"] else "",
     shell:
         "python3 -m metalign brain-encode --subject-file {input.subject} --features {input.features} --scheme {wildcards.scheme}"
         " --alphas {params.alphas} --n-inner {params.n_inner} {params.n_folds} --seed {params.seed}"
@@ -107,12 +117,12 @@ rule brain_table:
         folds=f"{R}/brain/{{bench}}_folds.csv",
         stats=f"{R}/brain/{{bench}}_stats.csv",
         alphas=f"{R}/brain/{{bench}}_alphas.csv",
-    params:
-        rois=lambda wc: as_json(BRAIN[wc.bench]["rois"]),
-    wildcard_constraints:
-        bench="things_fmri|bold5000",
     log:
         f"{R}/logs/brain/{{bench}}_table.log",
+    wildcard_constraints:
+        bench="things_fmri|bold5000",
+    params:
+        rois=lambda wc: as_json(BRAIN[wc.bench]["rois"]),
     shell:
         "python3 -m metalign brain-table --encodings {input} --rois {params.rois} --out-folds {output.folds}"
         " --out-stats {output.stats} --out-alphas {output.alphas} 2> {log}"
@@ -123,16 +133,15 @@ rule figure_brain_rois:
         folds=f"{R}/brain/{{bench}}_folds.csv",
         stats=f"{R}/brain/{{bench}}_stats.csv",
     output:
-        report(f"{R}/figures/brain/{{bench}}_rois_{{scheme}}.png", caption="../report/brain_rois.rst",
-               category="Brain"),
-    params:
-        rois=lambda wc: as_json(BRAIN[wc.bench]["rois"]),
-        title=lambda wc: {"things_fmri": "THINGS-fMRI", "bold5000": "BOLD5000"}[wc.bench],
+        report(f"{R}/figures/brain/{{bench}}_rois_{{scheme}}.png", caption="../report/brain_rois.rst", category="Brain"),
+    log:
+        f"{R}/logs/figures/brain/{{bench}}_rois_{{scheme}}.log",
     wildcard_constraints:
         bench="things_fmri|bold5000",
         scheme="heldout_session|image_kfold|upstream_leaky",
-    log:
-        f"{R}/logs/figures/brain/{{bench}}_rois_{{scheme}}.log",
+    params:
+        rois=lambda wc: as_json(BRAIN[wc.bench]["rois"]),
+        title=lambda wc: {"things_fmri": "THINGS-fMRI", "bold5000": "BOLD5000"}[wc.bench],
     shell:
         "python3 -m metalign figure-brain-rois --folds {input.folds} --stats {input.stats} --scheme {wildcards.scheme}"
         " --rois {params.rois} --title '{params.title}' --out {output} 2> {log}"

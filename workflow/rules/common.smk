@@ -1,4 +1,4 @@
-# Helpers every rule file uses: result paths, JSON params, and the wildcard-to-input functions of each stage.
+# Helpers for every rule file (result paths, JSON params) and the wildcard-to-input functions of each stage.
 # Rule files hold rules only (snakemake --lint); the config is checked once, in the Snakefile, before this runs.
 
 import json
@@ -14,7 +14,9 @@ R = config["results"]
 RES = config["resources"]
 BACKBONES = list(config["backbones"])
 VARIANTS = list(config["variants"])
-ENCODED = [v for v in VARIANTS if has_representation(variant_params(config, v))]  # noemb: no encode() (docs/methods.md §8)
+ENCODED = [
+    v for v in VARIANTS if has_representation(variant_params(config, v))
+]  # noemb: no encode() (docs/methods.md §8)
 REPRESENTATIONS = ["base"] + ENCODED
 # Jobs call `python3 -m metalign …` with this interpreter first on PATH: the shell commands name no machine path.
 os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
@@ -22,7 +24,8 @@ os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.enviro
 
 def as_json(value) -> str:
     """Quote a config value for a shell argument; it is also a rule param, so editing it makes the job stale."""
-    return "'" + json.dumps(value, sort_keys=True).replace("'", "'\\''") + "'"
+    quoted = json.dumps(value, sort_keys=True).replace("'", "'\\''")
+    return f"'{quoted}'"
 
 
 def stable(entry: dict) -> dict:
@@ -122,9 +125,13 @@ def _brain_subjects(bench: str) -> list[str]:
 def _brain_encodings(bench: str, schemes=None, backbones=None, variants=None) -> list[str]:
     """Encoding files, subjects innermost (the order figure-brain-volume pairs them in)."""
     cfg = BRAIN[bench]
-    return expand(f"{R}/brain/{bench}/{{scheme}}/{{backbone}}/{{variant}}/{{subject}}.h5",
-                  scheme=schemes or cfg["schemes"], backbone=backbones or BACKBONES,
-                  variant=variants or REPRESENTATIONS, subject=_brain_subjects(bench))
+    return expand(
+        f"{R}/brain/{bench}/{{scheme}}/{{backbone}}/{{variant}}/{{subject}}.h5",
+        scheme=schemes or cfg["schemes"],
+        backbone=backbones or BACKBONES,
+        variant=variants or REPRESENTATIONS,
+        subject=_brain_subjects(bench),
+    )
 
 
 def _brain_targets() -> list[str]:
@@ -149,8 +156,10 @@ def _ds_inputs(refs, wc):
 def _ds_split_flags(refs, wc):
     flags = []
     for role, ref in refs.items():
-        flags.append(f"--{role}-manifest {R}/manifests/{ref['dataset']}.csv"
-                     f" --{role}-features {features_path(ref['dataset'], wc.backbone, wc.variant)}")
+        flags.append(
+            f"--{role}-manifest {R}/manifests/{ref['dataset']}.csv"
+            f" --{role}-features {features_path(ref['dataset'], wc.backbone, wc.variant)}"
+        )
         if ref.get("split"):
             flags.append(f"--{role}-split {ref['split']}")
     return " ".join(flags)
@@ -158,8 +167,10 @@ def _ds_split_flags(refs, wc):
 
 def _ds_probe_flags():
     probe = DS["probe"]
-    return (f"--l2-grid {' '.join(str(v) for v in probe['l2_grid'])} --val-fraction {probe['val_fraction']}"
-            f" --probe-seed {probe['seed']} {DS_NORM}")
+    return (
+        f"--l2-grid {' '.join(str(v) for v in probe['l2_grid'])} --val-fraction {probe['val_fraction']}"
+        f" --probe-seed {probe['seed']} {DS_NORM}"
+    )
 
 
 def _ds_roles(section, roles):
@@ -169,10 +180,12 @@ def _ds_roles(section, roles):
 def _fewshot_refs(wc):
     return {role: config["downstream"]["fewshot"]["tasks"][wc.task][role] for role in ("train", "test")}
 
+
 def _fewshot_inputs(wc):
     classes = config["downstream"]["fewshot"]["tasks"][wc.task].get("classes")
     extra = {"classes": classes} if isinstance(classes, str) else {}
     return {**_ds_inputs(_fewshot_refs(wc), wc), **extra}
+
 
 def _fewshot_classes(wc):
     classes = config["downstream"]["fewshot"]["tasks"][wc.task].get("classes")

@@ -1,31 +1,30 @@
 # The embedded demo world: procedural THINGS/COCO-shaped images, a planted concept embedding, simulated
 # participants, and a small ViT saved in Hugging Face format.
 
+
 rule demo_world:
     output:
         world=f"{RES}/world/world.json",
         triplets=f"{RES}/world/things/triplets.tsv",
         unique_ids=f"{RES}/world/things/unique_id.txt",
         planted=f"{RES}/world/things/spose_embedding_23d_sorted.txt",  # 23 = the factor space of metalign.demo.factors
-    params:
-        spec=as_json(config["demo"]["world"]),
-        out=f"{RES}/world",
     log:
         f"{R}/logs/demo_world.log",
+    params:
+        spec=as_json(config["demo"]["world"]),
     shell:
-        "python3 -m metalign demo-world --spec {params.spec} --out {params.out} 2> {log}"
+        "python3 -m metalign demo-world --spec {params.spec} --out $(dirname {output.world}) 2> {log}"
 
 
 rule demo_vit:
     output:
         f"{RES}/models/vit_tiny/config.json",
-    params:
-        vit=stable(config["demo"]["vit"]),
-        out=f"{RES}/models/vit_tiny",
     log:
         f"{R}/logs/demo_vit.log",
+    params:
+        vit=stable(config["demo"]["vit"]),
     shell:
-        "python3 -m metalign demo-vit --out {params.out} --image-size {params.vit[image_size]} --patch-size {params.vit[patch_size]}"
+        "python3 -m metalign demo-vit --out $(dirname {output}) --image-size {params.vit[image_size]} --patch-size {params.vit[patch_size]}"
         " --hidden-size {params.vit[hidden_size]} --layers {params.vit[layers]} --heads {params.vit[heads]}"
         " --seed {params.vit[seed]} 2> {log}"
 
@@ -41,14 +40,13 @@ if "behaviour" in config["demo"]:
             reward=f"{RES}/behaviour/reward_learning.csv",
             metadata=f"{RES}/behaviour/things_metadata.tsv",
             truth=f"{RES}/behaviour/ground_truth.json",
-        params:
-            spec=as_json(config["demo"]["behaviour"]),
-            world=f"{RES}/world",
-            out=f"{RES}/behaviour",
         log:
             f"{R}/logs/demo_behaviour.log",
+        params:
+            spec=as_json(config["demo"]["behaviour"]),
         shell:
-            "python3 -m metalign demo-behaviour --world {params.world} --spec {params.spec} --out {params.out} 2> {log}"
+            "python3 -m metalign demo-behaviour --world $(dirname {input}) --spec {params.spec} --out $(dirname {output.levels})"
+            " 2> {log}"
 
 
 if "fmri" in config["demo"]:
@@ -58,14 +56,12 @@ if "fmri" in config["demo"]:
             f"{RES}/world/world.json",
         output:
             f"{RES}/fmri/fmri.json",
-        params:
-            spec=as_json(config["demo"]["fmri"]),
-            world=f"{RES}/world",
-            out=f"{RES}/fmri",
         log:
             f"{R}/logs/demo_fmri.log",
+        params:
+            spec=as_json(config["demo"]["fmri"]),
         shell:
-            "python3 -m metalign demo-fmri --world {params.world} --spec {params.spec} --out {params.out} 2> {log}"
+            "python3 -m metalign demo-fmri --world $(dirname {input}) --spec {params.spec} --out $(dirname {output}) 2> {log}"
 
 
 if "labelled" in config["demo"]:
@@ -75,12 +71,13 @@ if "labelled" in config["demo"]:
             f"{RES}/world/world.json",
         output:
             summary=f"{RES}/labelled/labelled.json",
-            hierarchy=multiext(f"{RES}/labelled/breeds/", "dataset_class_info.json", "class_hierarchy.txt",
-                               "node_names.txt"),
-        params:
-            spec=as_json(config["demo"]["labelled"]),
-            out=f"{RES}/labelled",
+            hierarchy=multiext(
+                f"{RES}/labelled/breeds/", "dataset_class_info.json", "class_hierarchy.txt", "node_names.txt"
+            ),
         log:
             f"{R}/logs/demo_labelled.log",
+        params:
+            spec=as_json(config["demo"]["labelled"]),
         shell:
-            "python3 -m metalign demo-labelled --world {input} --spec {params.spec} --out {params.out} 2> {log}"
+            "python3 -m metalign demo-labelled --world {input} --spec {params.spec} --out $(dirname {output.summary})"
+            " 2> {log}"

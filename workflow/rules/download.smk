@@ -12,23 +12,23 @@ for _item, _spec in DOWNLOADS.items():
     rule:
         name:
             "download_" + "".join(c if c.isalnum() else "_" for c in _item)
-        localrule: True  # compute nodes often have no internet: run on the submitting host, even with --profile slurm
         input:
             _download_inputs(_spec),
         output:
             **_download_outputs(_item, _spec),
+        log:
+            f"{R}/logs/download/{_item}.log",
+        localrule: True  # compute nodes often have no internet: run on the submitting host, even with --profile slurm
+        resources:
+            downloads=1,  # cap concurrent transfers with --resources downloads=N
         params:
             spec=as_json({"name": _item, **_spec}),
             lock=DOWNLOAD_LOCK,
-        resources:
-            downloads=1,  # cap concurrent transfers with --resources downloads=N
-        log:
-            f"{R}/logs/download/{_item}.log",
         shell:
             "python3 -m metalign download --spec {params.spec} --root {RES} --lock {params.lock} --receipt {output.receipt} 2> {log}"
 
 
 rule downloads:
-    localrule: True
     input:
         expand(f"{RES}/downloads/{{item}}.json", item=list(DOWNLOADS)),
+    localrule: True

@@ -13,6 +13,10 @@ if "fewshot" in DS:
             unpack(_fewshot_inputs),
         output:
             f"{R}/downstream/fewshot/{{task}}/{{backbone}}/{{variant}}.json",
+        log:
+            f"{R}/logs/downstream/fewshot/{{task}}/{{backbone}}/{{variant}}.log",
+        wildcard_constraints:
+            task="|".join(FEWSHOT["tasks"]),
         params:
             splits=lambda wc: _ds_split_flags(_fewshot_refs(wc), wc),
             classes=_fewshot_classes,
@@ -20,18 +24,18 @@ if "fewshot" in DS:
             seeds=" ".join(str(s) for s in FEWSHOT["seeds"]),
             l2_reg=FEWSHOT["l2_reg"],
             norm=DS_NORM,
-        wildcard_constraints:
-            task="|".join(FEWSHOT["tasks"]),
-        log:
-            f"{R}/logs/downstream/fewshot/{{task}}/{{backbone}}/{{variant}}.log",
         shell:
             "python3 -m metalign downstream-fewshot --task {wildcards.task} {params.splits} {params.classes} --shots {params.shots}"
             " --seeds {params.seeds} --l2-reg {params.l2_reg} {params.norm} --out {output} 2> {log}"
 
     rule downstream_fewshot_table:
         input:
-            expand(f"{R}/downstream/fewshot/{{task}}/{{backbone}}/{{variant}}.json", task=list(FEWSHOT["tasks"]),
-                   backbone=BACKBONES, variant=REPRESENTATIONS),
+            expand(
+                f"{R}/downstream/fewshot/{{task}}/{{backbone}}/{{variant}}.json",
+                task=list(FEWSHOT["tasks"]),
+                backbone=BACKBONES,
+                variant=REPRESENTATIONS,
+            ),
         output:
             f"{R}/downstream/fewshot.csv",
         log:
@@ -50,6 +54,8 @@ if "breeds" in DS:
             BREEDS.get("requires", []),  # the hierarchy files arrive inside a downloaded (or generated) folder
         output:
             f"{R}/downstream/breeds_splits.json",
+        log:
+            f"{R}/logs/downstream/breeds_splits.log",
         params:
             class_info=BREEDS["hierarchy"]["class_info"],
             class_hierarchy=BREEDS["hierarchy"]["class_hierarchy"],
@@ -58,8 +64,6 @@ if "breeds" in DS:
             split=BREEDS.get("split", "rand"),
             seed=BREEDS.get("seed", 2),
             root=BREEDS.get("root", "n00001740"),
-        log:
-            f"{R}/logs/downstream/breeds_splits.log",
         shell:
             "python3 -m metalign downstream-breeds-splits --class-info {params.class_info} --class-hierarchy {params.class_hierarchy}"
             " --node-names {params.node_names} --root {params.root} --tasks {params.tasks} --split {params.split}"
@@ -71,11 +75,11 @@ if "breeds" in DS:
             splits=f"{R}/downstream/breeds_splits.json",
         output:
             f"{R}/downstream/breeds/{{backbone}}/{{variant}}.json",
+        log:
+            f"{R}/logs/downstream/breeds/{{backbone}}/{{variant}}.log",
         params:
             splits=lambda wc: _ds_split_flags(BREEDS_REFS, wc),
             probe=_ds_probe_flags(),
-        log:
-            f"{R}/logs/downstream/breeds/{{backbone}}/{{variant}}.log",
         shell:
             "python3 -m metalign downstream-breeds --splits {input.splits} {params.splits} {params.probe} --out {output} 2> {log}"
 
@@ -90,13 +94,13 @@ if "imagenet_a" in DS:
             unpack(lambda wc: _ds_inputs(IMAGENET_A_REFS, wc)),
         output:
             f"{R}/downstream/imagenet_a/{{backbone}}/{{variant}}.json",
+        log:
+            f"{R}/logs/downstream/imagenet_a/{{backbone}}/{{variant}}.log",
         params:
             splits=lambda wc: _ds_split_flags(IMAGENET_A_REFS, wc),
             probe=_ds_probe_flags(),
             per_class=IMAGENET_A["train_per_class"],
             seed=IMAGENET_A["seed"],
-        log:
-            f"{R}/logs/downstream/imagenet_a/{{backbone}}/{{variant}}.log",
         shell:
             "python3 -m metalign downstream-imagenet-a {params.splits} --train-per-class {params.per_class} --seed {params.seed}"
             " {params.probe} --out {output} 2> {log}"
@@ -113,16 +117,19 @@ if "shape_bias" in DS:
         output:
             summary=f"{R}/downstream/shape_bias/{{backbone}}/{{variant}}.json",
             decisions=f"{R}/downstream/shape_bias/{{backbone}}/{{variant}}.decisions.csv",
+        log:
+            f"{R}/logs/downstream/shape_bias/{{backbone}}/{{variant}}.log",
         params:
             splits=lambda wc: _ds_split_flags(SHAPE_BIAS_REFS, wc),
             probe=_ds_probe_flags(),
             categories=as_json(SHAPE_BIAS["categories"]),
             decision=SHAPE_BIAS["decision"],
-            per_category=f"--train-per-category {SHAPE_BIAS['train_per_category']}"
-            if SHAPE_BIAS.get("train_per_category") else "",
+            per_category=(
+                f"--train-per-category {SHAPE_BIAS['train_per_category']}"
+                if SHAPE_BIAS.get("train_per_category")
+                else ""
+            ),
             seed=SHAPE_BIAS["seed"],
-        log:
-            f"{R}/logs/downstream/shape_bias/{{backbone}}/{{variant}}.log",
         shell:
             "python3 -m metalign downstream-shape-bias {params.splits} --categories {params.categories} --decision {params.decision}"
             " {params.per_category} --seed {params.seed} {params.probe} --out-summary {output.summary}"
@@ -131,14 +138,15 @@ if "shape_bias" in DS:
 
 rule downstream_table:
     input:
-        lambda wc: expand(f"{R}/downstream/{wc.table}/{{backbone}}/{{variant}}.json", backbone=BACKBONES,
-                          variant=REPRESENTATIONS),
+        lambda wc: expand(
+            f"{R}/downstream/{wc.table}/{{backbone}}/{{variant}}.json", backbone=BACKBONES, variant=REPRESENTATIONS
+        ),
     output:
         f"{R}/downstream/{{table}}.csv",
-    wildcard_constraints:
-        table="breeds|imagenet_a|shape_bias",
     log:
         f"{R}/logs/downstream/{{table}}_table.log",
+    wildcard_constraints:
+        table="breeds|imagenet_a|shape_bias",
     shell:
         "python3 -m metalign collect-summaries --summaries {input} --out {output} 2> {log}"
 
@@ -150,8 +158,7 @@ if DS_TABLES:
             alignment=f"{R}/alignment/things_ooo.csv",
             tables=DS_TABLES,
         output:
-            report(f"{R}/figures/downstream_gain.png", caption="../report/downstream_gain.rst",
-                   category="Downstream"),
+            report(f"{R}/figures/downstream_gain.png", caption="../report/downstream_gain.rst", category="Downstream"),
         log:
             f"{R}/logs/figures/downstream_gain.log",
         shell:

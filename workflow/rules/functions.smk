@@ -7,14 +7,14 @@ rule sae_train:
     output:
         sae=f"{R}/functions/{{fset}}/sae.pt",
         metrics=f"{R}/functions/{{fset}}/sae_metrics.json",
+    log:
+        f"{R}/logs/functions/{{fset}}/sae_train.log",
     wildcard_constraints:
         fset=_sets("train"),
+    threads: 2
     params:
         sae=lambda wc: stable(_fs(wc).entry["sae"]),
         output=lambda wc: _fs(wc).source_output,
-    threads: 2
-    log:
-        f"{R}/logs/functions/{{fset}}/sae_train.log",
     shell:
         "python3 -m metalign sae-train --features {input} --output {params.output} --out {output.sae} --metrics {output.metrics}"
         " --expansion {params.sae[expansion]} --k {params.sae[k]} --steps {params.sae[steps]}"
@@ -27,14 +27,17 @@ rule sae_import:
         lambda wc: _fs(wc).entry["sae"].get("requires") or [_fs(wc).entry["sae"]["weights"]],
     output:
         f"{R}/functions/{{fset}}/sae.pt",
+    log:
+        f"{R}/logs/functions/{{fset}}/sae_import.log",
     wildcard_constraints:
         fset=_sets("pretrained"),
     params:
         weights=lambda wc: _fs(wc).entry["sae"]["weights"],
-        opts=lambda wc: " ".join(f"--{key} {_fs(wc).entry['sae'][key]}" for key in ("k", "repo", "revision")
-                                 if _fs(wc).entry["sae"].get(key) is not None),
-    log:
-        f"{R}/logs/functions/{{fset}}/sae_import.log",
+        opts=lambda wc: " ".join(
+            f"--{key} {_fs(wc).entry['sae'][key]}"
+            for key in ("k", "repo", "revision")
+            if _fs(wc).entry["sae"].get(key) is not None
+        ),
     shell:
         "python3 -m metalign sae-import --weights {params.weights} --out {output} {params.opts} 2> {log}"
 
@@ -45,14 +48,14 @@ rule sae_encode:
         features=_source_features,
     output:
         f"{R}/functions/{{fset}}/{{split}}.h5",
+    log:
+        f"{R}/logs/functions/{{fset}}/{{split}}.log",
     wildcard_constraints:
         fset=_sets("train", "pretrained"),
     params:
         output=lambda wc: _fs(wc).source_output,
         min_nonzero=lambda wc: _fs(wc).entry["min_nonzero"],
         sl=lambda wc: _max_sl(wc.fset),
-    log:
-        f"{R}/logs/functions/{{fset}}/{{split}}.log",
     shell:
         "python3 -m metalign sae-encode --sae {input.sae} --features {input.features} --output {params.output} --out {output}"
         " --min-nonzero {params.min_nonzero} --sl {params.sl} 2> {log}"
@@ -63,14 +66,14 @@ rule functions_neurons:
         _source_features,
     output:
         f"{R}/functions/{{fset}}/{{split}}.h5",
+    log:
+        f"{R}/logs/functions/{{fset}}/{{split}}.log",
     wildcard_constraints:
         fset=_sets("neurons"),
     params:
         output=lambda wc: _fs(wc).source_output,
         min_nonzero=lambda wc: _fs(wc).entry["min_nonzero"],
         sl=lambda wc: _max_sl(wc.fset),
-    log:
-        f"{R}/logs/functions/{{fset}}/{{split}}.log",
     shell:
         "python3 -m metalign functions-neurons --features {input} --output {params.output} --out {output}"
         " --min-nonzero {params.min_nonzero} --sl {params.sl} 2> {log}"
@@ -81,12 +84,12 @@ rule functions_subset:
         lambda wc: f"{R}/functions/{_fs(wc).parent}/{wc.split}.h5",
     output:
         f"{R}/functions/{{fset}}/{{split}}.h5",
+    log:
+        f"{R}/logs/functions/{{fset}}/{{split}}.log",
     wildcard_constraints:
         fset=_sets("subset"),
     params:
         how=_subset_args,
-    log:
-        f"{R}/logs/functions/{{fset}}/{{split}}.log",
     shell:
         "python3 -m metalign functions-subset --parent {input} --out {output} {params.how} 2> {log}"
 

@@ -4,14 +4,14 @@ rule train:
     output:
         ckpt=f"{R}/checkpoints/{{backbone}}/{{variant}}.pt",
         metrics=f"{R}/checkpoints/{{backbone}}/{{variant}}.metrics.csv",
-    params:
-        cfg=lambda wc: as_json(variant_params(config, wc.variant)),
-        launcher=_launcher,
+    log:
+        f"{R}/logs/train/{{backbone}}/{{variant}}.log",
     threads: 2
     resources:
         gpu=_gpus,
-    log:
-        f"{R}/logs/train/{{backbone}}/{{variant}}.log",
+    params:
+        cfg=lambda wc: as_json(variant_params(config, wc.variant)),
+        launcher=_launcher,
     shell:
         "{params.launcher} train --train-features {input.train_features} --train-codes {input.train_codes}"
         " --val-features {input.val_features} --val-codes {input.val_codes} --params {params.cfg}"
@@ -24,10 +24,10 @@ rule encode:
         features=f"{R}/embeddings/{{dataset}}/{{backbone}}.h5",
     output:
         f"{R}/representations/{{dataset}}/{{backbone}}/{{variant}}.h5",
-    wildcard_constraints:
-        variant="|".join(map(re.escape, ENCODED)) or "(?!)",  # no_embed variants have no representation (docs/methods.md §8)
     log:
         f"{R}/logs/encode/{{dataset}}/{{backbone}}/{{variant}}.log",
+    wildcard_constraints:
+        variant="|".join(map(re.escape, ENCODED)) or "(?!)",  # no_embed variants have no representation (docs/methods.md §8)
     shell:
         "python3 -m metalign encode --ckpt {input.ckpt} --features {input.features} --out {output} 2> {log}"
 
@@ -42,13 +42,13 @@ rule icl_eval:
         codes=lambda wc: f"{R}/functions/{_variant_set(wc).name}/{_variant_set(wc).eval_split}.h5",
     output:
         f"{R}/icl/{{backbone}}/{{variant}}.h5",
+    log:
+        f"{R}/logs/icl/{{backbone}}/{{variant}}.log",
+    resources:
+        gpu=1,
     params:
         n=ICL["n_per_function"],
         seed=ICL["seed"],
-    resources:
-        gpu=1,
-    log:
-        f"{R}/logs/icl/{{backbone}}/{{variant}}.log",
     shell:
         "python3 -m metalign icl-eval --ckpt {input.ckpt} --features {input.features} --codes {input.codes} --out {output}"
         " --n-per-function {params.n} --seed {params.seed} 2> {log}"
