@@ -14,7 +14,8 @@ import numpy as np
 from scipy.optimize import OptimizeResult, minimize
 from scipy.special import log_softmax
 from sklearn.model_selection import StratifiedKFold
-from tqdm import tqdm
+
+from metalign.progress import progress
 
 BOUNDS = ((-4.6, 4.6), (-10.0, 10.0), (-10.0, 10.0))
 INIT = (0.0, 0.0, 0.0)
@@ -101,8 +102,8 @@ def assign_folds(choice: np.ndarray, groups: Groups, seed: int) -> tuple[np.ndar
     n_folds = np.zeros(len(groups.labels), dtype=np.int64)
     sorted_choice = choice[groups.order]
     position_counts = _position_counts(sorted_choice, groups)
-    for g, (start, count) in enumerate(tqdm(zip(groups.starts, groups.counts), total=len(groups.labels),
-                                             desc="folds", unit="participant", disable=None)):
+    for g, (start, count) in enumerate(progress(zip(groups.starts, groups.counts), total=len(groups.labels),
+                                             desc="folds", unit="participant")):
         occurring = position_counts[g][position_counts[g] > 0]
         if len(occurring) < 2 or occurring.min() < 2:
             continue

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from metalign.behaviour.geometry import (procrustes_align, tsne_map)
+from metalign.behaviour.geometry import procrustes_align, tsne_map
 from metalign.results import save_figure  # noqa: E402
 
 SUBSET_ORDER = ("all", "within_class", "between_class", "class_border", "none")

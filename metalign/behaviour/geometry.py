@@ -18,7 +18,7 @@ from scipy.linalg import orthogonal_procrustes
 from threadpoolctl import threadpool_limits
 
 from metalign.behaviour.odd_one_out import concept_matrix, read_unique_ids
-from metalign.io import (DataContractError, align_rows, read_h5, read_manifest)
+from metalign.io import DataContractError, align_rows, read_h5, read_manifest
 
 N_BOOTSTRAP = 100
 

@@ -34,9 +34,9 @@ from scipy.optimize import minimize
 from scipy.special import expit, log_expit, log_softmax
 from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 
-from metalign.io import (DataContractError, align_rows)
+from metalign.io import DataContractError, align_rows
+from metalign.progress import progress
 
 CATEGORY_COLUMNS = ("participant", "image", "choice", "true_category_binary")
 REWARD_COLUMNS = ("participant", "left_image", "right_image", "left_reward", "right_reward", "choice")
@@ -293,7 +293,7 @@ def _sessions(table: pd.DataFrame, learn: Callable[[np.ndarray], Session], desc:
     nothing from threads, and on a busy machine threaded BLAS slows them down by an order of magnitude."""
     groups = table.groupby("participant", sort=True).indices
     with threadpool_limits(limits=1):
-        return [learn(np.sort(rows)) for rows in tqdm(groups.values(), desc=desc, unit="participant", disable=None)]
+        return [learn(np.sort(rows)) for rows in progress(groups.values(), desc=desc, unit="participant")]
 
 
 def category_sessions(table: pd.DataFrame, features: np.ndarray, rows: np.ndarray,

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from metalign.behaviour.choice_model import N_CHOICES, cross_validate
-from metalign.io import (DataContractError, align_rows)
+from metalign.io import DataContractError, align_rows
 
 TRIPLET_COLUMNS = ("subject_id", "image1", "image2", "image3", "choice")
 LOG_3 = math.log(N_CHOICES)

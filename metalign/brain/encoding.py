@@ -23,13 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from metalign.brain import cv
 from metalign.brain.ridge import GroupedRidgeCV, alpha_grid
 from metalign.brain.stats import alpha_edges, r2_columns
 from metalign.brain.subject import Subject
-from metalign.io import DataContractError, file_sha256, library_versions, read_h5, write_h5
+from metalign.io import (
+    DataContractError,
+    file_sha256,
+    library_versions,
+    read_h5,
+    write_h5,
+)
+from metalign.progress import progress
 from metalign.results import read_features
 
 log = logging.getLogger(__name__)
@@ -82,7 +88,7 @@ def encode(subject: Subject, features: np.ndarray, scheme: str, alphas: np.ndarr
     r2 = np.empty((subject.betas.shape[1], len(outer)), dtype=np.float64)
     alpha_index = np.empty_like(r2, dtype=np.int16)
     per_fold = []
-    for k, (train, test) in enumerate(tqdm(outer, desc=f"{subject.subject} folds", disable=None)):
+    for k, (train, test) in enumerate(progress(outer, desc=f"{subject.subject} folds")):
         inner = cv.inner_splits(scheme, subject.session[train], images[train], n_inner, seed + k)
         cv.check_splits(inner, images[train], leaky, f"{subject.subject} fold {k} inner folds ({scheme})")
         x_train, x_test = features[train], features[test]

@@ -9,7 +9,12 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from metalign.config.datasets import check_dataset
-from metalign.config.demo import validate_behaviour, validate_fmri, validate_labelled, validate_world
+from metalign.config.demo import (
+    validate_behaviour,
+    validate_fmri,
+    validate_labelled,
+    validate_world,
+)
 from metalign.config.downstream import check_downstream
 from metalign.config.functions import resolve_function_sets
 from metalign.config.model import SEQUENCE_TYPES, TrainConfig

@@ -29,7 +29,6 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
 from metalign.config.demo import validate_labelled
 from metalign.demo.factors import COLOURS, SHAPE_ATTRIBUTES, SHAPES, TEXTURES
@@ -37,6 +36,7 @@ from metalign.demo.render import Placement, render
 from metalign.demo.streams import stream_rng as _rng
 from metalign.downstream.breeds import ROOT_WNID
 from metalign.io import atomic_path, library_versions, write_csv, write_json, write_text
+from metalign.progress import progress
 
 MARKER = ".demo-labelled"
 BREEDS_PER_SHAPE = 4
@@ -147,7 +147,7 @@ Job = tuple[Path, Callable[[], Image.Image], dict[str, Any]]  # (file, renderer,
 
 def _render_all(jobs: list[Job], desc: str, fmt: str) -> list[dict[str, Any]]:
     rows = []
-    for path, draw, row in tqdm(jobs, desc=desc, disable=None):
+    for path, draw, row in progress(jobs, desc=desc):
         _save(draw(), path, fmt)
         rows.append(row)
     return rows

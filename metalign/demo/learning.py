@@ -30,11 +30,11 @@ import pandas as pd
 from sklearn.linear_model import BayesianRidge, LogisticRegression
 from threadpoolctl import threadpool_limits
 
+from metalign.behaviour.levels import NONE_TYPE, TRIPLET_TYPES, stem
 from metalign.config.demo import validate_behaviour
 from metalign.demo.behaviour import log_choice_probabilities, odd_one_out_logits
 from metalign.demo.factors import planted_embedding, sample_concepts
 from metalign.demo.streams import stream_rng as _rng
-from metalign.behaviour.levels import NONE_TYPE, TRIPLET_TYPES, stem
 from metalign.io import atomic_path, write_csv, write_json
 
 CATEGORY_C = 1.0

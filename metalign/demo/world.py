@@ -16,15 +16,27 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
 from metalign.config.demo import n_repeats, validate_world
 from metalign.demo.behaviour import simulate_participants
-from metalign.demo.factors import SHAPES, TEXTURES, Concept, dimension_labels, planted_embedding, \
-    sample_concepts
+from metalign.demo.factors import (
+    SHAPES,
+    TEXTURES,
+    Concept,
+    dimension_labels,
+    planted_embedding,
+    sample_concepts,
+)
 from metalign.demo.render import Placement, render
 from metalign.demo.streams import stream_rng as _rng
-from metalign.io import atomic_path, file_sha256, library_versions, write_json, write_text
+from metalign.io import (
+    atomic_path,
+    file_sha256,
+    library_versions,
+    write_json,
+    write_text,
+)
+from metalign.progress import progress
 
 MARKER = ".demo-world"  # marks a folder this generator owns, so a rerun may clear it
 COCO_ASPECT = 4 / 3  # COCO-like landscape pool images exercise the backbones' resize/crop
@@ -93,7 +105,7 @@ def _write_objects(path: Path, rows: list[dict[str, Any]]) -> None:
 def _write_things_images(root: Path, concepts: list[Concept], spec: Mapping[str, Any]) -> int:
     """THINGS layout `<concept>/<concept>_<NN><letter>.jpg`; the letter mimics THINGS' arbitrary suffixes."""
     size, rows = spec["image_size"], []
-    for c_index, concept in enumerate(tqdm(concepts, desc="things images", disable=None)):
+    for c_index, concept in enumerate(progress(concepts, desc="things images")):
         for n in range(spec["images_per_concept"]):
             rng = _rng(spec["seed"], Stream.THINGS_IMAGES, c_index, n)
             letter = chr(ord("a") + int(rng.integers(26)))
@@ -144,7 +156,7 @@ def _write_coco(root: Path, spec: Mapping[str, Any]) -> dict[str, int]:
     width = int(round(height * COCO_ASPECT))
     rows = []
     for split, split_ids in (("train2017", np.sort(ids[:n_train])), ("val2017", np.sort(ids[n_train:]))):
-        for image_id in tqdm(split_ids.tolist(), desc=f"coco {split}", disable=None):
+        for image_id in progress(split_ids.tolist(), desc=f"coco {split}"):
             rng = _rng(spec["seed"], Stream.COCO_IMAGES, image_id)
             objects = [_pool_placement(rng) for _ in range(1 + int(rng.random() < 0.5))]
             name = f"{image_id:012d}.jpg"

@@ -19,7 +19,8 @@ from typing import Callable, Iterator, Mapping, TypeVar
 from urllib.parse import urlsplit
 
 import requests
-from tqdm import tqdm
+
+from metalign.progress import progress
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -241,7 +242,7 @@ def _attempt(session: requests.Session, url: str, part: Path, headers: dict[str,
         total = offset + int(length) if length and length.isdigit() else None
         received = 0
         with open(part, "ab" if offset else "wb") as handle, \
-                tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=what, disable=None) as bar:
+                progress(total=total, initial=offset, unit="B", unit_scale=True, desc=what) as bar:
             try:
                 for block in response.iter_content(_NET_CHUNK):
                     handle.write(block)

@@ -36,8 +36,18 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import requests
 
-from metalign.download.http import (Digests, DownloadError, Expected, Retry, Transient, access_denied, fetch,
-                                 hub_headers, redact, safe_url)
+from metalign.download.http import (
+    Digests,
+    DownloadError,
+    Expected,
+    Retry,
+    Transient,
+    access_denied,
+    fetch,
+    hub_headers,
+    redact,
+    safe_url,
+)
 from metalign.io import write_json
 
 log = logging.getLogger(__name__)

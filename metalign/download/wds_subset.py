@@ -25,11 +25,18 @@ from typing import Any, Callable, Mapping
 
 import requests
 import urllib3
-from tqdm import tqdm
 
-from metalign.download.http import Digests, DownloadError, Expected, Retry, Transient, access_denied
-from metalign.io import write_json
+from metalign.download.http import (
+    Digests,
+    DownloadError,
+    Expected,
+    Retry,
+    Transient,
+    access_denied,
+)
 from metalign.images.webdataset import iter_samples
+from metalign.io import write_json
+from metalign.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +242,7 @@ def select_samples(shards: list[Shard], spec: Mapping[str, Mapping[str, Any]], w
     out, done = work / "select", work / "done"
     done.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {}
-    bar = tqdm(shards, desc=f"{item}: shards", unit="shard", disable=None)
+    bar = progress(shards, desc=f"{item}: shards", unit="shard")
     for shard in bar:
         marker = done / (Path(shard.name).name + ".json")
         if marker.exists():

@@ -21,8 +21,15 @@ import numpy as np
 from scipy.linalg import cho_factor, cho_solve
 from scipy.sparse import csr_matrix
 
-from metalign.downstream.data import (SplitRef, class_index, load_rows, read_features, resolve_classes,
-                                      sample_per_class, take_shots)
+from metalign.downstream.data import (
+    SplitRef,
+    class_index,
+    load_rows,
+    read_features,
+    resolve_classes,
+    sample_per_class,
+    take_shots,
+)
 
 BIAS_CONSTANT = 100.0
 STD_EPS = 1e-5

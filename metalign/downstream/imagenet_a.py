@@ -13,8 +13,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from metalign.downstream.data import (SplitRef, class_index, load_rows, read_features, resolve_classes,
-                                      sample_per_class, take_shots)
+from metalign.downstream.data import (
+    SplitRef,
+    class_index,
+    load_rows,
+    read_features,
+    resolve_classes,
+    sample_per_class,
+    take_shots,
+)
 from metalign.downstream.probe import ProbeConfig
 from metalign.io import DataContractError
 

@@ -24,11 +24,11 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from metalign.embed.backbones import Backbone, cache_key, hubs_offline, load_backbone
-from metalign.io import DataContractError, library_versions, manifest_hash, set_attrs
 from metalign.images.manifest import ImageReader, load_verified_manifest
+from metalign.io import DataContractError, library_versions, manifest_hash, set_attrs
+from metalign.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,8 @@ def extract(entry: dict[str, Any], manifest_path: str | Path, out: str | Path, b
     loader = DataLoader(ManifestImages(manifest, backbone.preprocessing.build(), start=done), batch_size=batch_size,
                         num_workers=num_workers, pin_memory=dev.type == "cuda")
     use_amp = amp and dev.type == "cuda"
-    with handle, torch.inference_mode(), tqdm(total=len(ids), initial=done, desc=f"extract {entry['name']}",
-                                              unit="img", disable=None) as bar:
+    with handle, torch.inference_mode(), progress(total=len(ids), initial=done, desc=f"extract {entry['name']}",
+                                              unit="img") as bar:
         for batch_index, images in enumerate(loader):
             if max_batches is not None and batch_index >= max_batches:
                 return

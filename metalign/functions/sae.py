@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from metalign.io import _json_default, atomic_path
+from metalign.progress import progress
 
 WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -76,7 +76,7 @@ def encode_topk(X: np.ndarray, W_enc: Any, b_enc: Any, b_dec: Any, k: int, batch
     indices = np.empty((len(X), k), dtype=np.int32)
     values = np.empty((len(X), k), dtype=np.float32)
     with torch.no_grad():
-        for start in tqdm(range(0, len(X), batch_size), desc="sae encode", disable=None):
+        for start in progress(range(0, len(X), batch_size), desc="sae encode"):
             x = torch.as_tensor(np.asarray(X[start:start + batch_size], dtype=np.float32)).to(device)
             idx, val = topk_activations(x, W_enc_t, b_enc_t, b_dec_t, k)
             indices[start:start + len(x)] = idx.cpu().numpy()
@@ -141,7 +141,7 @@ def train_sae(X: np.ndarray, expansion: float, k: int, steps: int, batch_size: i
     order, cursor = torch.randperm(n, generator=generator), 0
     trace: list[dict[str, float]] = []
     log_every = max(1, steps // 20)
-    for step in tqdm(range(steps), desc="sae train", disable=None):
+    for step in progress(range(steps), desc="sae train"):
         if cursor + batch_size > n:
             order, cursor = torch.randperm(n, generator=generator), 0
         x = data[order[cursor:cursor + batch_size].to(device)]

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import pandas as pd
-from tqdm import tqdm
 
-from metalign.io import DataContractError, read_manifest
 from metalign.images.layouts import build_rows, get_layout
 from metalign.images.layouts.cifar import ArrayImageReader, split_row_path
 from metalign.images.webdataset import ShardReader, split_member_path
+from metalign.io import DataContractError, read_manifest
+from metalign.progress import progress
 
 
 def build_manifest(layout: str, root: str | Path, split: str | None = None, unique_ids: str | Path | None = None,
@@ -49,7 +49,7 @@ def build_manifest(layout: str, root: str | Path, split: str | None = None, uniq
     if checksums:
         reader = ImageReader()
         frame["sha256"] = [hashlib.sha256(reader.read(p)).hexdigest()
-                           for p in tqdm(frame["path"], desc=f"sha256 {root}", unit="img", disable=None)]
+                           for p in progress(frame["path"], desc=f"sha256 {root}", unit="img")]
     return frame
 
 

@@ -31,15 +31,33 @@ from schedulefree import AdamWScheduleFree
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
+from metalign.config.model import TrainConfig
 from metalign.functions.codes import Codes
 from metalign.io import DataContractError, library_versions, write_csv
-from metalign.train.checkpoint import MODEL_FORMAT, STATE_FORMAT, load_checkpoint, plain_state_dict, save_checkpoint
-from metalign.config.model import TrainConfig
+from metalign.progress import progress
+from metalign.train.checkpoint import (
+    MODEL_FORMAT,
+    STATE_FORMAT,
+    load_checkpoint,
+    plain_state_dict,
+    save_checkpoint,
+)
 from metalign.train.data import Features, aligned_features
-from metalign.train.distributed import Context, all_sum, barrier, gather, setup, teardown
-from metalign.train.model import ModelConfig, build_model, hurdle_objective, parameter_groups
+from metalign.train.distributed import (
+    Context,
+    all_sum,
+    barrier,
+    gather,
+    setup,
+    teardown,
+)
+from metalign.train.model import (
+    ModelConfig,
+    build_model,
+    hurdle_objective,
+    parameter_groups,
+)
 from metalign.train.tasks import Step, make_task
 
 log = logging.getLogger(__name__)
@@ -159,12 +177,12 @@ def _train(config: TrainConfig, X_train: Features, codes_train: Codes, X_val: Fe
     model.train()
     optimizer.train()
     stopped = False
-    progress = tqdm(range(state.step + 1, config.steps + 1), initial=state.step, total=config.steps, desc="train",
-                    disable=None if context.is_main else True)
+    steps = progress(range(state.step + 1, config.steps + 1), initial=state.step, total=config.steps, desc="train",
+                     disable=not context.is_main)
     # The next step's rows are drawn on a CPU thread while the device works on this step.
     with ThreadPoolExecutor(max_workers=1) as prefetch:
         upcoming = prefetch.submit(task.sample, local_batch, state.step + 1)
-        for step in progress:
+        for step in steps:
             batch = upcoming.result()
             if step < config.steps:
                 upcoming = prefetch.submit(task.sample, local_batch, step + 1)
@@ -196,7 +214,7 @@ def _train(config: TrainConfig, X_train: Features, codes_train: Codes, X_val: Fe
                     state.best = {"state_dict": plain_state_dict(model), "step": step, "scores": scores}
                 optimizer.train()
                 model.train()
-                progress.set_postfix(acc=f"{scores['acc']:.3f}", r2=f"{scores['r2']:.3f}", best=state.best["step"])
+                steps.set_postfix(acc=f"{scores['acc']:.3f}", r2=f"{scores['r2']:.3f}", best=state.best["step"])
             if stopped:
                 log.info("early stopping at step %d: %d evaluations without improvement", step, state.stale)
                 break

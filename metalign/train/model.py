@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from metalign.config.model import SEQUENCE_TYPES, ModelSettings
 from metalign.io import DataContractError
 from metalign.train.checkpoint import load_checkpoint
-from metalign.config.model import SEQUENCE_TYPES, ModelSettings
 
 
 @dataclass(frozen=True)

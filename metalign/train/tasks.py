@@ -13,9 +13,9 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 
+from metalign.config.model import TrainConfig
 from metalign.functions.codes import Codes
 from metalign.io import DataContractError
-from metalign.config.model import TrainConfig
 from metalign.train.sampler import EpisodeSampler
 
 _TRAIN_STREAM = 0

@@ -18,9 +18,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from metalign.io import DataContractError
 from metalign.images.layouts import Row, register
 from metalign.images.layouts.files import need_file
+from metalign.io import DataContractError
 
 SIDE = 32
 ROW_PATH = re.compile(r"^(?P<file>.+)#(?P<row>\d+)$")

@@ -8,10 +8,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from metalign.io import DataContractError
 from metalign.images.layouts import Row, register
 from metalign.images.layouts.files import images_in
 from metalign.images.webdataset import list_images, member_path
+from metalign.io import DataContractError
 
 
 def read_unique_ids(path: str | Path) -> list[str]:

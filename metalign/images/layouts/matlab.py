@@ -8,9 +8,9 @@ from typing import Any, Mapping
 import numpy as np
 import scipy.io
 
-from metalign.io import DataContractError
 from metalign.images.layouts import Row, register
 from metalign.images.layouts.files import ImageLocation, need_file
+from metalign.io import DataContractError
 
 
 def load_mat(path: Path, what: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:

@@ -6,9 +6,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
-from metalign.io import DataContractError
 from metalign.images.layouts import Row, register
 from metalign.images.layouts.files import ImageLocation, read_mapping, read_table
+from metalign.io import DataContractError
 
 
 def _lookup(mapping: Mapping[str, str], key: str, source: Path, what: str) -> str:
