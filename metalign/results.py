@@ -100,9 +100,13 @@ def summary_table(paths: list[str | Path]) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["backbone", "representation", "variant"], kind="stable")
 
 
+def cmd_collect_summaries(args: argparse.Namespace) -> None:
+    write_csv(args.out, summary_table(args.summaries))
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("collect-summaries",
                                    help="one CSV row per <backbone>/<variant>.json summary (its scalar fields)")
     parser.add_argument("--summaries", nargs="+", required=True, help="<backbone>/<variant>.json files")
     parser.add_argument("--out", required=True, help="the table (CSV)")
-    parser.set_defaults(func=lambda args: write_csv(args.out, summary_table(args.summaries)))
+    parser.set_defaults(func=cmd_collect_summaries)

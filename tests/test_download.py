@@ -21,10 +21,11 @@ import pytest
 
 from metalign.download.cli import register
 from metalign.download.items import Lock, download
-from metalign.download.http import AccessDenied, DownloadError, Expected, Retry, fetch, redact
+from metalign.download.http import AccessDenied, DownloadError, Expected, Retry, fetch, redact, redact_url
 from metalign.images.webdataset import iter_samples
 
 FAST = Retry(attempts=3, backoff_s=0.0, timeout_s=10.0)
+SIGNED = "X-Amz-Signature=sigSecret1&X-Amz-Credential=credSecret2&token=tokSecret3&Expires=17&Key-Pair-Id=kpSecret4"
 TOKEN = "hf_correctTokenValue123"
 WRONG = "hf_secretButWrongToken456"
 
@@ -228,6 +229,27 @@ def test_server_errors_are_retried_then_reported(server, tmp_path):
     assert not (tmp_path / "bad.bin").exists()
 
 
+def test_partial_file_message_is_accurate(server, tmp_path, caplog):
+    """"The partial file is kept" only when bytes were kept: a server that never sent any must not send the reader
+    looking for a file that does not exist (same for the job's "discarding its partial files")."""
+    data = bytes(range(256)) * 1000
+    server.files["/f.bin"] = server.files["/g.bin"] = data
+    server.faults["/f.bin"] = ["truncate:150000"] + [500] * 5
+    with pytest.raises(DownloadError, match=r"without progress: HTTP 500 \(the partial file f\.bin\.part is kept"):
+        fetch(f"{server.url}/f.bin", tmp_path / "f.bin", retry=FAST)
+    assert (tmp_path / "f.bin.part").stat().st_size > 0
+    server.faults["/g.bin"] = [500] * 5
+    with pytest.raises(DownloadError, match=r"without progress: HTTP 500 \(no bytes were received\)$") as err:
+        fetch(f"{server.url}/g.bin", tmp_path / "g.bin", retry=FAST)
+    assert "partial" not in str(err.value) and not (tmp_path / "g.bin.part").exists()
+    server.faults["/g.bin"] = [500] * 5
+    with pytest.raises(DownloadError, match="no bytes were received"):
+        _job(tmp_path, {"url": f"{server.url}/g.bin", "dest": "g.bin"})
+    caplog.set_level(logging.INFO)
+    _job(tmp_path, {"url": f"{server.url}/g.bin?download=1", "dest": "g.bin"})
+    assert "discarding its partial files" not in caplog.text
+
+
 def test_not_found_fails_at_once_naming_the_url(server, tmp_path):
     with pytest.raises(DownloadError, match=r"HTTP 404 .*/missing\.bin"):
         fetch(f"{server.url}/missing.bin", tmp_path / "x.bin", retry=FAST)
@@ -283,6 +305,34 @@ def test_archive_item_unpacks_subdir_records_lock_and_receipt(server, tmp_path):
     server.files["/v2/images.zip"] = server.files["/images.zip"]
     _job(tmp_path, {**spec, "url": f"{server.url}/v2/images.zip"})
     assert (dest / "cat" / "a.jpg").read_bytes() == b"other"
+
+
+def test_verified_items_survive_a_failed_replacement(server, tmp_path):
+    """A new URL that 404s or serves other bytes must not cost the verified file or tree, nor its receipt or lock entry:
+    they are replaced only once the replacement is verified."""
+    server.files["/v1/a.txt"], server.files["/v2/a.txt"] = b"verified", b"tampered"
+    server.files["/v1/t.tgz"] = server.files["/v2/t.tgz"] = _tar({"t/a.txt": b"tree"}, "w:gz")
+    single = {"url": f"{server.url}/v1/a.txt", "dest": "a.txt"}
+    folder = {"url": f"{server.url}/v1/t.tgz", "dest": "t", "archive": {"subdir": "t"}}
+    _job(tmp_path, single, name="single")
+    _job(tmp_path, folder, name="folder")
+
+    def placed() -> dict[str, bytes]:
+        """Every file outside the work area (which keeps partial bytes for a rerun), by path."""
+        return {str(p.relative_to(tmp_path)): p.read_bytes() for p in sorted(tmp_path.rglob("*"))
+                if p.is_file() and ".work" not in p.parts}
+
+    before = placed()
+    assert {"res/a.txt", "res/t/a.txt", "res/downloads/single.json", "res/downloads/folder.json"} <= set(before)
+    for name, spec, error in [("single", {**single, "url": f"{server.url}/gone/a.txt"}, "HTTP 404"),
+                              ("single", {**single, "url": f"{server.url}/v2/a.txt", "sha256": sha256(b"other")},
+                               "sha256 mismatch"),
+                              ("folder", {**folder, "url": f"{server.url}/gone/t.tgz"}, "HTTP 404"),
+                              ("folder", {**folder, "url": f"{server.url}/v2/t.tgz", "sha256": sha256(b"other")},
+                               "sha256 mismatch")]:
+        with pytest.raises(DownloadError, match=error):
+            _job(tmp_path, spec, name=name)
+        assert placed() == before
 
 
 def test_plain_file_item_and_missing_subdir(server, tmp_path):
@@ -427,6 +477,45 @@ def test_redact_hides_tokens_and_signed_queries(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", WRONG)
     text = redact(f"GET https://cdn.example/x?X-Amz-Signature=abc&t=1 failed with Bearer {WRONG}")
     assert WRONG not in text and "abc" not in text and "https://cdn.example/x" in text
+
+
+def test_redact_url_blanks_credentials_and_keeps_plain_parameters():
+    url = f"https://user:pwSecret0@cdn.example/a/b.zip?download=1&{SIGNED}&response-content-type=zip#frag"
+    assert redact_url(url) == ("https://<redacted>@cdn.example/a/b.zip?download=1&X-Amz-Signature=<redacted>"
+                               "&X-Amz-Credential=<redacted>&token=<redacted>&Expires=<redacted>"
+                               "&Key-Pair-Id=<redacted>&response-content-type=zip#frag")
+    assert redact_url(redact_url(url)) == redact_url(url)  # messages may be redacted twice
+    assert redact_url(url.replace("sigSecret1", "resigned")) == redact_url(url)  # the same source in the lock
+    assert redact_url("https://osf.io/n9u4a/download") == "https://osf.io/n9u4a/download"
+    assert redact(f"HTTP 404 for {url}, retrying") == f"HTTP 404 for {redact_url(url)[:-5]}#frag, retrying"
+
+
+def test_signed_url_is_redacted_in_lock_receipt_work_area_logs_and_errors(server, tmp_path, caplog, capsys):
+    """The lock file is committed, receipts and logs are shared: a signed URL reaches them without its credentials
+    (plain parameters kept), and a re-signed URL of the same file is the same source, still held to its checksum."""
+    caplog.set_level(logging.DEBUG)
+    host = server.url.replace("http://", "http://user:pwSecret0@")
+    server.files["/f.bin"] = b"payload"
+    server.faults["/f.bin"] = [500]  # one retry, logged
+    spec = {"url": f"{host}/f.bin?download=1&{SIGNED}", "dest": "f.bin"}
+    receipt = _job(tmp_path, spec)
+    source = (f"http://<redacted>@{server.url[len('http://'):]}/f.bin?download=1&X-Amz-Signature=<redacted>"
+              "&X-Amz-Credential=<redacted>&token=<redacted>&Expires=<redacted>&Key-Pair-Id=<redacted>")
+    assert receipt["source"] == source and Lock(tmp_path / "lock.json").read()["item"]["source"] == source
+    server.files["/f.bin"] = b"changed upstream"
+    with pytest.raises(DownloadError, match="mismatch"):  # the work area keeps its (redacted) spec stamp
+        _job(tmp_path, {**spec, "url": spec["url"].replace("sigSecret1", "sigSecret5")})
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    gone = {"name": "gone", "url": f"{host}/gone.bin?{SIGNED}", "dest": "gone.bin"}
+    args = parser.parse_args(["download", "--spec", json.dumps(gone), "--root", str(tmp_path / "res"),
+                              "--lock", str(tmp_path / "lock.json"), "--receipt", str(tmp_path / "gone.json")])
+    with pytest.raises(ValueError, match=r"HTTP 404 .*<redacted>@.*/gone\.bin\?X-Amz-Signature=<redacted>") as err:
+        args.func(args)
+    seen = str(err.value) + caplog.text + "".join(capsys.readouterr())
+    written = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    for secret in ("pwSecret0", "sigSecret1", "credSecret2", "tokSecret3", "kpSecret4", "sigSecret5"):
+        assert secret not in seen and secret.encode() not in written
 
 
 # ----------------------------------------------------------------------------------------------- shard selection

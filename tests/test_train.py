@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 import h5py
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 
 from metalign.functions.codes import Codes, write_codes
 from metalign.functions.select import function_stats, max_episode_draw, select_functions
-from metalign.io import DataContractError, read_h5, write_h5
+from metalign.io import DataContractError, file_sha256, read_h5, write_h5
 from metalign.train.data import Features
 from metalign.train.loop import train
 from metalign.train.model import ModelConfig, build_model, load_encoder
@@ -197,10 +198,25 @@ def test_training_learns_planted_task(data, tmp_path):
     np.testing.assert_allclose(z, xv.values @ w[:, 1:].numpy().T + b.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_resume_gives_identical_weights(data, tmp_path, monkeypatch):
+def test_identical_runs_write_identical_bytes(data, tmp_path):
+    """Provenance that hashes a checkpoint must not change on an identical retrain, whatever the output's name."""
+    (xt, ct, _), (xv, cv, _) = data
+    cfg = {**SMALL, "steps": 20, "eval_every": 10, "checkpoint_every": 10}
+    train(cfg, xt, ct, xv, cv, tmp_path / "a" / "m.pt", tmp_path / "a" / "m.csv")
+    train(cfg, xt, ct, xv, cv, tmp_path / "b" / "other.pt", tmp_path / "b" / "other.csv")
+    assert file_sha256(tmp_path / "a" / "m.pt") == file_sha256(tmp_path / "b" / "other.pt")
+    ma, mb = (pd.read_csv(path) for path in (tmp_path / "a" / "m.csv", tmp_path / "b" / "other.csv"))
+    pd.testing.assert_frame_equal(ma.drop(columns="elapsed_s"), mb.drop(columns="elapsed_s"))  # wall clock only
+
+
+def test_resume_gives_identical_weights_and_provenance(data, tmp_path, monkeypatch, caplog):
     (xt, ct, _), (xv, cv, _) = data
     cfg = {**SMALL, "steps": 40, "eval_every": 10, "checkpoint_every": 7}
-    straight = train(cfg, xt, ct, xv, cv, tmp_path / "a.pt", tmp_path / "a.csv")
+    with caplog.at_level(logging.INFO, logger="metalign.train.loop"):
+        straight = train(cfg, xt, ct, xv, cv, tmp_path / "a.pt", tmp_path / "a.csv")
+    evaluations = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [m.split(":")[0] for m in evaluations] == [f"step {s}/40" for s in (10, 20, 30, 40)]
+    assert all(" loss " in m and " acc " in m and "elapsed" in m for m in evaluations)
 
     original = EpisodeSampler.sample
 
@@ -214,6 +230,10 @@ def test_resume_gives_identical_weights(data, tmp_path, monkeypatch):
         train(cfg, xt, ct, xv, cv, tmp_path / "b.pt", tmp_path / "b.csv")
     assert torch.load(tmp_path / "b.last.pt", weights_only=True)["step"] == 28
     assert not (tmp_path / "b.pt").exists()
+    # the rows of every evaluation so far are in the metrics file while training runs (here: after it died at 31)
+    ma = pd.read_csv(tmp_path / "a.csv").drop(columns="elapsed_s")
+    live = pd.read_csv(tmp_path / "b.csv").drop(columns="elapsed_s")
+    pd.testing.assert_frame_equal(live, ma[ma.step <= 30])
     monkeypatch.setattr(EpisodeSampler, "sample", original)
     resumed = train(cfg, xt, ct, xv, cv, tmp_path / "b.pt", tmp_path / "b.csv")
 
@@ -221,8 +241,12 @@ def test_resume_gives_identical_weights(data, tmp_path, monkeypatch):
         assert torch.equal(value, resumed.model.state_dict()[key]), key
     a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in "ab")
     assert a["step"] == b["step"] and all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    ma, mb = (pd.read_csv(tmp_path / f"{n}.csv").drop(columns="elapsed_s") for n in "ab")
-    pd.testing.assert_frame_equal(ma, mb)
+    # the recorded hash is of step 1's batch, not of the first batch the resumed process drew (step 29)
+    assert b["first_batch_sha256"] == a["first_batch_sha256"]
+    assert file_sha256(tmp_path / "a.pt") == file_sha256(tmp_path / "b.pt")
+    mb = pd.read_csv(tmp_path / "b.csv").drop(columns="elapsed_s")
+    pd.testing.assert_frame_equal(ma, mb)  # rows of steps 29-30 written before the crash are not duplicated
+    assert not (tmp_path / "b.last.pt").exists()
 
     # a `.last.pt` written under another config is not resumed: the run starts afresh
     monkeypatch.setattr(EpisodeSampler, "sample", crash)
@@ -233,6 +257,8 @@ def test_resume_gives_identical_weights(data, tmp_path, monkeypatch):
     fresh = train(changed, xt, ct, xv, cv, tmp_path / "c.pt", tmp_path / "c.csv")
     reference = train(changed, xt, ct, xv, cv, tmp_path / "d.pt", tmp_path / "d.csv")
     assert all(torch.equal(v, reference.model.state_dict()[k]) for k, v in fresh.model.state_dict().items())
+    mc, md = (pd.read_csv(tmp_path / f"{n}.csv").drop(columns="elapsed_s") for n in "cd")
+    pd.testing.assert_frame_equal(mc, md)  # the rows of the abandoned run are gone
 
 
 def test_early_stopping(data, tmp_path):

@@ -77,18 +77,25 @@ def cmd_evaluate_levels(args: argparse.Namespace) -> None:
                   attrs, per_trial, args.out_trials)
 
 
-def cmd_evaluate_learning(args: argparse.Namespace) -> None:
-    features, ids, attrs = read_features(args.features)
-    features = features.astype(np.float64)
-    if args.task == "category":
-        per_trial, summary = learning.evaluate_category(learning.read_category(args.table), features, ids,
-                                                        str(args.features), causal=args.c_selection == "causal")
-    else:
-        per_trial, summary = learning.evaluate_reward(learning.read_reward(args.table), features, ids,
-                                                      str(args.features))
-    summary.update({"label": args.label, "task": args.task})
+def _write_learning(args: argparse.Namespace, task: str, per_trial: pd.DataFrame, summary: dict,
+                    attrs: dict) -> None:
+    summary.update({"label": args.label, "task": task})
     write_results(args.out_summary, summary, file_inputs(table=args.table, features=args.features), attrs,
                   per_trial, args.out_trials)
+
+
+def cmd_evaluate_category(args: argparse.Namespace) -> None:
+    features, ids, attrs = read_features(args.features)
+    per_trial, summary = learning.evaluate_category(learning.read_category(args.table), features.astype(np.float64),
+                                                    ids, str(args.features), causal=args.c_selection == "causal")
+    _write_learning(args, "category", per_trial, summary, attrs)
+
+
+def cmd_evaluate_reward(args: argparse.Namespace) -> None:
+    features, ids, attrs = read_features(args.features)
+    per_trial, summary = learning.evaluate_reward(learning.read_reward(args.table), features.astype(np.float64), ids,
+                                                  str(args.features))
+    _write_learning(args, "reward", per_trial, summary, attrs)
 
 
 def cmd_evaluate_geometry(args: argparse.Namespace) -> None:
@@ -220,7 +227,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             task.add_argument("--c-selection", choices=("cv", "causal"), default="cv",
                               help="cv: the study's 5-fold CV on all trials' labels; causal: prequential, past only")
         _add_outputs(task)
-        task.set_defaults(func=cmd_evaluate_learning, task=name.removeprefix("evaluate-"))
+        task.set_defaults(func=cmd_evaluate_category if name == "evaluate-category" else cmd_evaluate_reward)
 
     geometry = subparsers.add_parser("evaluate-geometry", help="CKA vs SPoSE and class separation (fine, coarse)",
                                      description=geo.__doc__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from metalign.download.http import AccessDenied, DownloadError, Retry, redact
+from metalign.download.http import DownloadError, Retry, redact
 from metalign.download.items import download
 
 
@@ -13,9 +13,7 @@ def cmd_download(args: argparse.Namespace) -> None:
     try:
         download(json.loads(args.spec), args.root, args.lock, args.receipt,
                  Retry(attempts=args.attempts, timeout_s=args.timeout))
-    except AccessDenied as err:
-        raise ValueError(str(err)) from None
-    except DownloadError as err:
+    except DownloadError as err:  # AccessDenied too: its page and instructions survive redaction
         raise ValueError(redact(str(err))) from None
 
 

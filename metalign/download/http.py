@@ -3,7 +3,8 @@
 Why not pooch or `hf_hub_download`: neither resumes a broken 20 GB transfer with HTTP Range *and* verifies it against a
 checksum we pin, and we want one place that decides retries, errors and what reaches a log. Bytes go to `<dest>.part`
 (kept between runs, so a rerun resumes), are verified, then renamed onto `<dest>`: a failure never leaves a file that
-looks complete. Secrets (tokens, signed query strings) never reach a message or a log line (`redact`).
+looks complete. Secrets (tokens, signed query strings, user:password@) never reach a message, a log line, a receipt
+or the lock file: every URL written anywhere goes through `redact_url`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import requests
 
@@ -26,7 +27,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_TOKEN")
-_URL = re.compile(r"(https?://[^\s?#'\"]+)\?[^\s#'\"]*")
+HIDDEN = "<redacted>"
+# A URL in free text: scheme://…, or a bare /path?query as in an HTTP request line ("GET /f?X-Amz-Signature=… HTTP/1.1").
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"]+|(?<![^\s'\"])/[^\s'\"?]*\?[^\s'\"]*", re.IGNORECASE)
+# Query parameters that carry credentials or change on every re-signing (S3/GCS/CloudFront signed URLs, API tokens).
+_SECRET_PARAM = re.compile(r"x-(amz|goog)-.*|.*(token|secret|passw(or)?d|signature|credential|key).*|sig|auth.*|expires"
+                           r"|policy", re.IGNORECASE)
 _CHUNK = 1 << 20
 _NET_CHUNK = 1 << 16  # small: bytes buffered in a read that breaks are lost, so a resume repeats at most this much
 
@@ -51,17 +57,43 @@ def secrets() -> list[str]:
     return [v for v in values if len(v) >= 4]
 
 
+def redact_url(url: str) -> str:
+    """`url` with its userinfo and the values of secret parameters blanked; other parameters (`?download=1`) stay.
+    A re-signed URL of the same file redacts to the same text, so the result also names a source in the lock file.
+    Plain string surgery (no urlsplit): it never raises on a malformed URL and leaves the rest byte for byte."""
+    head, _, fragment = url.partition("#")
+    head, query_sep, query = head.partition("?")
+    scheme, sep, rest = head.partition("://") if "://" in head else ("", "", head)
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = f"{HIDDEN}@{authority.rpartition('@')[2]}"
+    out = f"{scheme}{sep}{authority}{slash}{path}{query_sep}{_redact_params(query)}"
+    return f"{out}#{_redact_params(fragment)}" if "#" in url else out
+
+
+def _redact_params(query: str) -> str:
+    params = [p.partition("=") for p in query.split("&")] if query else []
+    return "&".join(f"{name}={HIDDEN}" if _SECRET_PARAM.fullmatch(unquote(name)) else name + eq + value
+                    for name, eq, value in params)
+
+
 def redact(text: str) -> str:
-    """Drop query strings (signed CDN URLs carry credentials) and any token value from a message."""
-    text = _URL.sub(r"\1?<redacted>", str(text))
+    """Every URL in a message through `redact_url`, and any token value of the environment blanked."""
+    text = _URL.sub(lambda m: redact_url(m.group(0)), str(text))
     for secret in secrets():
-        text = text.replace(secret, "<redacted>")
+        text = text.replace(secret, HIDDEN)
     return text
 
 
-def safe_url(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
+class _Redacting(logging.Filter):
+    """urllib3 logs every request line, signed query and all, at DEBUG (`metalign -v`): blank it like our own text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage()), ()
+        return True
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_Redacting())
 
 
 @dataclass(frozen=True)
@@ -172,7 +204,7 @@ def fetch(url: str, dest: str | Path, *, expected: Expected = Expected(), header
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    what = what or safe_url(url)
+    what = what or redact_url(url)
     session = session or requests.Session()
     failures = 0
     while True:
@@ -185,8 +217,10 @@ def fetch(url: str, dest: str | Path, *, expected: Expected = Expected(), header
             # it is complete; `attempts` failures in a row without progress give up.
             failures = 0 if part.exists() and part.stat().st_size > before else failures + 1
             if failures >= retry.attempts:
-                raise DownloadError(f"{what}: failed {retry.attempts} times without progress: {redact(str(err))} "
-                                    f"(the partial file {part.name} is kept, a rerun resumes it)") from None
+                kept = part.exists() and part.stat().st_size > 0
+                raise DownloadError(f"{what}: failed {retry.attempts} times without progress: {redact(str(err))}"
+                                    + (f" (the partial file {part.name} is kept, a rerun resumes it)" if kept else
+                                       " (no bytes were received)")) from None
             delay = retry.delay(max(failures, 1))
             log.warning("%s: %s; retrying in %.0f s", what, redact(str(err)), delay)
             sleep(delay)
@@ -203,17 +237,25 @@ def fetch(url: str, dest: str | Path, *, expected: Expected = Expected(), header
     return {**got, "size": size}
 
 
+def open_stream(session: requests.Session, url: str, headers: Mapping[str, str], timeout: float,
+                what: str) -> requests.Response:
+    """GET `url` streamed: a dropped connection or timeout is Transient; any other request error (a malformed URL, too
+    many redirects) fails at once, its message redacted (requests quotes the URL, query and all)."""
+    try:
+        return session.get(url, headers=dict(headers), stream=True, timeout=timeout, allow_redirects=True)
+    except (requests.ConnectionError, requests.Timeout) as err:
+        raise Transient(f"connection failed: {type(err).__name__}") from None
+    except requests.RequestException as err:
+        raise DownloadError(f"{what}: {type(err).__name__}: {redact(str(err))}") from None
+
+
 def _attempt(session: requests.Session, url: str, part: Path, headers: dict[str, str], timeout: float, what: str,
              gated_page: str | None) -> None:
     """One request: append to `part` from its current size; raise Transient for what a retry may fix."""
     offset = part.stat().st_size if part.exists() else 0
     if offset:
         headers["Range"] = f"bytes={offset}-"
-    try:
-        response = session.get(url, headers=headers, stream=True, timeout=timeout, allow_redirects=True)
-    except (requests.ConnectionError, requests.Timeout) as err:
-        raise Transient(f"connection failed: {type(err).__name__}") from None
-    with response:
+    with open_stream(session, url, headers, timeout, what) as response:
         status = response.status_code
         if status in (401, 403):
             if gated_page:
@@ -229,7 +271,7 @@ def _attempt(session: requests.Session, url: str, part: Path, headers: dict[str,
         if status == 429 or status >= 500:
             raise Transient(f"HTTP {status}")
         if status >= 400:
-            raise DownloadError(f"{what}: HTTP {status} {response.reason} for {safe_url(response.url or url)}")
+            raise DownloadError(f"{what}: HTTP {status} {response.reason} for {redact_url(response.url or url)}")
         if status == 200 and offset:
             log.info("%s: server ignored the Range request; starting over", what)
             offset = 0

@@ -33,6 +33,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
+from urllib.parse import urlsplit
 
 import requests
 
@@ -46,7 +47,7 @@ from metalign.download.http import (
     fetch,
     hub_headers,
     redact,
-    safe_url,
+    redact_url,
 )
 from metalign.io import write_json
 
@@ -72,7 +73,8 @@ class Lock:
         return json.loads(self.path.read_text()).get("items", {})
 
     def entry(self, item: str, source: str) -> dict[str, Any]:
-        """The recorded entry, only if it was recorded for this same source (a new URL or repo starts afresh)."""
+        """The recorded entry, only if it was recorded for this same source (a new URL or repo starts afresh).
+        Sources are redacted URLs (`redact_url`): the file is committed, and a re-signed URL is the same source."""
         recorded = self.read().get(item, {})
         return recorded if recorded.get("source") == source else {}
 
@@ -276,10 +278,12 @@ class Job:
         return receipt
 
     def _claim_work(self) -> None:
-        """Partial files resume only under the same spec: a changed URL or selection must not continue old bytes."""
-        stamp, current = self.work / "spec.json", json.dumps(self.spec, sort_keys=True)
+        """Partial files resume only under the same spec: a changed URL or selection must not continue old bytes. The
+        stamp holds the spec redacted, so it keeps no credential and a re-signed URL still resumes."""
+        stamp, current = self.work / "spec.json", redact(json.dumps(self.spec, sort_keys=True))
         if self.work.exists() and (not stamp.exists() or stamp.read_text() != current):
-            log.info("%s: the item changed since the interrupted run; discarding its partial files", self.name)
+            if any(p.is_file() and p != stamp and p.stat().st_size for p in self.work.rglob("*")):
+                log.info("%s: the item changed since the interrupted run; discarding its partial files", self.name)
             shutil.rmtree(self.work)
         self.work.mkdir(parents=True, exist_ok=True)
         stamp.write_text(current)
@@ -300,8 +304,9 @@ class Job:
 
     def _url(self) -> dict[str, Any]:
         url, archive = self.spec["url"], self.spec.get("archive")  # `archive: {}` = unpack with defaults
-        filename = Path(self.spec["dest"]).name if archive is None else Path(safe_url(url)).name or "archive"
-        locked = self.lock.entry(self.name, url)
+        source = redact_url(url)
+        filename = Path(self.spec["dest"]).name if archive is None else Path(urlsplit(url).path).name or "archive"
+        locked = self.lock.entry(self.name, source)
         expected = _expected(self.spec, locked.get("files", {}).get(filename))
         got = self._fetch(url, self.work / filename, expected)
         if archive is not None:
@@ -309,8 +314,8 @@ class Job:
         else:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.work / filename, self.dest)
-        self.lock.record(self.name, {"source": url, "files": {filename: got}})
-        return {"source": safe_url(url), "files": {filename: got}}
+        self.lock.record(self.name, {"source": source, "files": {filename: got}})
+        return {"source": source, "files": {filename: got}}
 
     # -- Hugging Face ------------------------------------------------------------------------------------------
 
@@ -320,7 +325,7 @@ class Job:
 
         repo, repo_type = self.spec["hub"], self.spec.get("repo_type", "model")
         endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-        page = f"{endpoint}/{'' if repo_type == 'model' else repo_type + 's/'}{repo}"
+        page = redact_url(f"{endpoint}/{'' if repo_type == 'model' else repo_type + 's/'}{repo}")  # shown, never fetched
         source = f"hf://{repo_type}s/{repo}"
         wanted = self.spec.get("revision") or "main"
         # A branch or tag resolves once; later fetches use the recorded commit until the config asks for another.
@@ -364,8 +369,9 @@ class Job:
         api = self.spec.get("api", "https://api.figshare.com/v2").rstrip("/")
         article, version = self.spec["figshare_article"], self.spec.get("figshare_version")
         # An unversioned record is the article's latest version: pin `figshare_version` to freeze the file list.
-        source = f"{api}/articles/{article}" + (f"/versions/{version}" if version else "")
-        record = _retrying(lambda: _get_json(self.session, source, self.retry.timeout_s), f"{self.name}: {source}",
+        url = f"{api}/articles/{article}" + (f"/versions/{version}" if version else "")
+        source = redact_url(url)
+        record = _retrying(lambda: _get_json(self.session, url, self.retry.timeout_s), f"{self.name}: {source}",
                            self.retry)
         files = {f["name"]: f for f in record.get("files", [])}
         names = _matching(list(files), self.spec.get("files", ["*"]), f"{self.name}: figshare article {article}")
@@ -387,7 +393,7 @@ def _get_json(session: requests.Session, url: str, timeout: float) -> dict[str, 
     if response.status_code >= 500 or response.status_code == 429:
         raise requests.ConnectionError(f"HTTP {response.status_code}")
     if response.status_code >= 400:
-        raise DownloadError(f"{safe_url(url)}: HTTP {response.status_code} {response.reason}")
+        raise DownloadError(f"{redact_url(url)}: HTTP {response.status_code} {response.reason}")
     return response.json()
 
 

@@ -33,6 +33,7 @@ from metalign.download.http import (
     Retry,
     Transient,
     access_denied,
+    open_stream,
 )
 from metalign.images.webdataset import iter_samples
 from metalign.io import write_json
@@ -174,11 +175,7 @@ class _HashingStream(io.RawIOBase):
 def _stream_shard(shard: Shard, selections: list[Selection], out: Path, session: requests.Session, timeout: float,
                   page: str, what: str) -> dict[str, Any]:
     """Stream one shard, writing selected samples to `<out>/<selection>/<shard>.tmp`; returns the shard's marker."""
-    try:
-        response = session.get(shard.url, headers=dict(shard.headers), stream=True, timeout=timeout)
-    except (requests.ConnectionError, requests.Timeout) as err:
-        raise Transient(type(err).__name__) from None
-    with response:
+    with open_stream(session, shard.url, shard.headers, timeout, what) as response:
         if response.status_code in (401, 403):
             raise access_denied(response.status_code, what, page)
         if response.status_code == 429 or response.status_code >= 500:

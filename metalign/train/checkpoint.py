@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,7 +13,7 @@ from torch import nn
 from metalign.io import DataContractError, atomic_path
 
 MODEL_FORMAT = "metalign.metalearner/1"   # the selected model (out_ckpt)
-STATE_FORMAT = "metalign.train_state/1"   # the resumable training state (`.last.pt`)
+STATE_FORMAT = "metalign.train_state/2"   # the resumable training state (`.last.pt`)
 _COMPILE_PREFIX = "_orig_mod."
 
 
@@ -23,8 +24,15 @@ def plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
+    """Write atomically, with bytes that depend only on `payload`, so hashes of a checkpoint survive a retrain.
+
+    torch.save names the zip archive's inner folder after the file it writes to: saving straight to the random
+    temporary file would put that name into the bytes. Saved to a buffer, the folder is always `archive`.
+    """
+    buffer = io.BytesIO()
+    torch.save(dict(payload), buffer)
     with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(dict(payload), tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load_checkpoint(path: str | os.PathLike, expected_format: str = MODEL_FORMAT) -> dict[str, Any]:

@@ -1,12 +1,15 @@
 """Training loop (docs/methods.md §7): schedule-free AdamW, fixed validation episodes, selection score, early stopping.
 
 Resumable: every `checkpoint_every` steps the full training state (weights, optimiser, best model so far, early-stop
-counter, metric rows) goes to `<out_ckpt stem>.last.pt`. Episodes and dropout masks are seeded per (rank, step), so a
-rerun that resumes from it ends with the same weights as an uninterrupted run. The outputs (`out_ckpt`,
-`out_metrics`) are written only when training ends, so their existence means a finished run.
+counter, metric rows, step-1 batch hashes) goes to `<out_ckpt stem>.last.pt`. Episodes and dropout masks are seeded per
+(rank, step), so a rerun that resumes from it ends with the same weights, checkpoint bytes and metric rows as an
+uninterrupted run. `out_ckpt` is written only when training ends, so its existence means a finished run;
+`out_metrics` grows while training runs (rows appended at each evaluation, so a long job can be watched) and is
+rewritten atomically at the end.
 
 Data-parallel (torchrun, `metalign.train.distributed`): `batch_size` is the global batch, split evenly over ranks;
-rank 0 writes every file. The checkpoint records a hash of each rank's first batch (distinct episodes, docs/methods.md P-15).
+rank 0 writes every file. The checkpoint records a hash of each rank's step-1 batch (distinct episodes,
+docs/methods.md P-15).
 
 Saved weights are the schedule-free *x* sequence (the averaged weights that `optimizer.eval()` swaps in), i.e. the
 weights that were evaluated (docs/methods.md P-18).
@@ -15,6 +18,7 @@ weights that were evaluated (docs/methods.md P-18).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import logging
 import math
@@ -39,7 +43,6 @@ from metalign.progress import progress
 from metalign.train.checkpoint import (
     MODEL_FORMAT,
     STATE_FORMAT,
-    load_checkpoint,
     plain_state_dict,
     save_checkpoint,
 )
@@ -111,6 +114,35 @@ class _State:
     stale: int = 0                           # consecutive active evaluations without a min_delta improvement
     rows: list[dict[str, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0
+    first_batch_sha256: list[object] = field(default_factory=list)  # per rank, of step 1's batch (also after a resume)
+
+
+class _MetricsFile:
+    """The metrics CSV while training runs, so that a long job shows its rows as they come.
+
+    Started from the rows of the (resumed) state, which drops any row a killed run appended after its last `.last.pt`;
+    rows are appended at each evaluation; `finish` rewrites the file atomically, with the same rows an uninterrupted
+    run has. Only the main rank writes.
+    """
+
+    def __init__(self, path: Path, rows: list[dict[str, Any]], active: bool):
+        self.path, self.active, self.written = path, active, len(rows)
+        if active:
+            write_csv(path, _metrics_frame(rows))
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        if self.active and len(rows) > self.written:
+            with open(self.path, "a", newline="") as handle:
+                _metrics_frame(rows[self.written:]).to_csv(handle, header=False, index=False)
+        self.written = len(rows)
+
+    def finish(self, rows: list[dict[str, Any]]) -> None:
+        if self.active:
+            write_csv(self.path, _metrics_frame(rows))
+
+
+def _metrics_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
 
 
 @dataclass(frozen=True)
@@ -168,7 +200,7 @@ def _train(config: TrainConfig, X_train: Features, codes_train: Codes, X_val: Fe
     amp: Callable[[], ContextManager] = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
         if device.type == "cuda" else contextlib.nullcontext
     clock_start = time.perf_counter() - state.elapsed_s
-    first_batch_hashes: list[object] = []
+    metrics_file = _MetricsFile(out_metrics, state.rows, context.is_main)
 
     def row(step: int, split: str, scores: dict[str, float]) -> dict[str, Any]:
         return {"step": step, "split": split, **scores, "lr": optimizer.param_groups[0]["lr"],
@@ -186,8 +218,8 @@ def _train(config: TrainConfig, X_train: Features, codes_train: Codes, X_val: Fe
             batch = upcoming.result()
             if step < config.steps:
                 upcoming = prefetch.submit(task.sample, local_batch, step + 1)
-            if not first_batch_hashes:
-                first_batch_hashes = gather(_batch_hash(batch), context)
+            if step == 1:
+                state.first_batch_sha256 = gather(_batch_hash(batch), context)
             torch.manual_seed(int(np.random.SeedSequence(config.seed, spawn_key=(_DROPOUT_STREAM, rank, step))
                                   .generate_state(1)[0]))
             current = task.to_device(batch)
@@ -214,6 +246,11 @@ def _train(config: TrainConfig, X_train: Features, codes_train: Codes, X_val: Fe
                     state.best = {"state_dict": plain_state_dict(model), "step": step, "scores": scores}
                 optimizer.train()
                 model.train()
+                metrics_file.append(state.rows)
+                if context.is_main:
+                    log.info("step %d/%d: val loss %.4f acc %.4f r2 %.4f score %.4f (best: step %d), elapsed %s", step,
+                             config.steps, scores["loss"], scores["acc"], scores["r2"], scores["score"],
+                             state.best["step"], datetime.timedelta(seconds=round(state.rows[-1]["elapsed_s"])))
                 steps.set_postfix(acc=f"{scores['acc']:.3f}", r2=f"{scores['r2']:.3f}", best=state.best["step"])
             if stopped:
                 log.info("early stopping at step %d: %d evaluations without improvement", step, state.stale)
@@ -225,14 +262,14 @@ def _train(config: TrainConfig, X_train: Features, codes_train: Codes, X_val: Fe
 
     optimizer.eval()
     model.eval()
+    metrics_file.finish(state.rows)
     if context.is_main:
-        write_csv(out_metrics, pd.DataFrame(state.rows, columns=list(METRIC_COLUMNS)))
         save_checkpoint(out_ckpt, {
             "format": MODEL_FORMAT, "state_dict": state.best["state_dict"], "model_config": model.config.to_dict(),
             "train_config": config.to_dict(), "sigma_m": model.sigma_m.tolist(),
             "kept_latent_ids": torch.from_numpy(task.latent_id.copy()), "step": state.best["step"],
             "scores": state.best["scores"], "params": SAVED_PARAMS, "last_step": state.step, "stopped_early": stopped,
-            "world_size": world, "batch_per_rank": local_batch, "first_batch_sha256": first_batch_hashes,
+            "world_size": world, "batch_per_rank": local_batch, "first_batch_sha256": state.first_batch_sha256,
             "inputs_fingerprint": fingerprint, "library_versions": library_versions(),
         })
         last_path.unlink(missing_ok=True)
@@ -241,7 +278,7 @@ def _train(config: TrainConfig, X_train: Features, codes_train: Codes, X_val: Fe
 
 
 def _batch_hash(batch: Any) -> str:
-    """Hash of one rank's first training batch: equal hashes across ranks would mean duplicated episodes (docs/methods.md P-15)."""
+    """Hash of one rank's step-1 batch: equal hashes across ranks mean duplicated episodes (docs/methods.md P-15)."""
     digest = hashlib.sha256()
     for array in batch if isinstance(batch, tuple) else (batch,):
         digest.update(np.ascontiguousarray(array).tobytes())
@@ -296,7 +333,7 @@ def _save_state(path: Path, state: _State, config: TrainConfig, fingerprint: str
         "format": STATE_FORMAT, "config": config.to_dict(), "fingerprint": fingerprint,
         "model": plain_state_dict(model), "optimizer": optimizer.state_dict(), "train_sums": train_sums.total.cpu(),
         "step": state.step, "best": state.best, "best_score": state.best_score, "stale": state.stale,
-        "rows": state.rows, "elapsed_s": state.elapsed_s,
+        "rows": state.rows, "elapsed_s": state.elapsed_s, "first_batch_sha256": state.first_batch_sha256,
     })
 
 
@@ -304,13 +341,13 @@ def _resume(path: Path, config: TrainConfig, fingerprint: str, model: nn.Module,
             train_sums: MetricSums) -> _State:
     if not path.exists():
         return _State()
-    last = load_checkpoint(path, STATE_FORMAT)
-    if last["config"] != config.to_dict() or last["fingerprint"] != fingerprint:
-        log.warning("not resuming from %s: it was written for another config or other inputs", path)
+    last = torch.load(path, map_location="cpu", weights_only=True)
+    if last.get("format") != STATE_FORMAT or last["config"] != config.to_dict() or last["fingerprint"] != fingerprint:
+        log.warning("not resuming from %s: it was written by another version, for another config or other inputs", path)
         return _State()
     model.load_state_dict(last["model"])
     optimizer.load_state_dict(last["optimizer"])
     train_sums.total.copy_(last["train_sums"])
     log.info("resuming from %s at step %d", path, last["step"])
     return _State(step=last["step"], best=last["best"], best_score=last["best_score"], stale=last["stale"],
-                  rows=last["rows"], elapsed_s=last["elapsed_s"])
+                  rows=last["rows"], elapsed_s=last["elapsed_s"], first_batch_sha256=last["first_batch_sha256"])

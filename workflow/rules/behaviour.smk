@@ -17,6 +17,7 @@ rule things_ooo:
     log:
         f"{R}/logs/things_ooo/{{backbone}}/{{variant}}.log",
     params:
+        code=code_hash("evaluate-things"),
         seed=THINGS["seed"],
     shell:
         "python3 -m metalign evaluate-things --triplets {input.triplets} --unique-ids {input.unique_ids} --manifest {input.manifest}"
@@ -31,6 +32,8 @@ rule things_ooo_table:
         f"{R}/alignment/things_ooo.csv",
     log:
         f"{R}/logs/things_ooo_table.log",
+    params:
+        code=code_hash("collect-summaries"),
     shell:
         "python3 -m metalign collect-summaries --summaries {input} --out {output} 2> {log}"
 
@@ -42,6 +45,8 @@ rule figure_things_ooo:
         report(f"{R}/figures/things_ooo.png", caption="../report/things_ooo.rst", category="Alignment"),
     log:
         f"{R}/logs/figures/things_ooo.log",
+    params:
+        code=code_hash("figure-things"),
     shell:
         "python3 -m metalign figure-things --table {input} --out {output} 2> {log}"
 
@@ -72,6 +77,8 @@ if "things_ooo" in BENCH:
             f"{R}/alignment/noise_ceiling/things_ooo.json",
         log:
             f"{R}/logs/noise_ceiling/things_ooo.log",
+        params:
+            code=code_hash("noise-ceiling"),
         shell:
             "python3 -m metalign noise-ceiling --things-triplets {input} --out {output} 2> {log}"
 
@@ -85,6 +92,8 @@ if LEVELS:
             f"{R}/alignment/noise_ceiling/levels_ooo.json",
         log:
             f"{R}/logs/noise_ceiling/levels_ooo.log",
+        params:
+            code=code_hash("noise-ceiling"),
         shell:
             "python3 -m metalign noise-ceiling --levels {input} --out {output} 2> {log}"
 
@@ -101,6 +110,7 @@ if LEVELS:
             f"{R}/logs/levels_ooo/{{backbone}}/{{variant}}.log",
         threads: 2
         params:
+            code=code_hash("evaluate-levels"),
             seed=LEVELS["seed"],
         shell:
             "python3 -m metalign evaluate-levels --levels {input.levels} --manifest {input.manifest} --features {input.features}"
@@ -120,6 +130,7 @@ if CATEGORY:
         log:
             f"{R}/logs/category_learning/{{backbone}}/{{variant}}.log",
         params:
+            code=code_hash("evaluate-category"),
             c_selection=CATEGORY.get("c_selection", "cv"),
         shell:
             "python3 -m metalign evaluate-category --table {input.table} --features {input.features} --label {wildcards.variant}"
@@ -137,6 +148,8 @@ if REWARD:
             summary=f"{R}/alignment/reward_learning/{{backbone}}/{{variant}}.json",
         log:
             f"{R}/logs/reward_learning/{{backbone}}/{{variant}}.log",
+        params:
+            code=code_hash("evaluate-reward"),
         shell:
             "python3 -m metalign evaluate-reward --table {input.table} --features {input.features} --label {wildcards.variant}"
             " --out-trials {output.trials} --out-summary {output.summary} 2> {log}"
@@ -155,6 +168,7 @@ rule behaviour_stats:
     wildcard_constraints:
         bench="|".join(BEHAVIOUR) or "^$",
     params:
+        code=code_hash("behaviour-stats"),
         n_choices=lambda wc: N_CHOICES[wc.bench],
         ceiling=lambda wc, input: f"--noise-ceiling {input.ceiling}" if input.ceiling else "",
         subset=lambda wc: "--subset-column triplet_type" if wc.bench == "levels_ooo" else "",
@@ -178,6 +192,8 @@ rule behaviour_table:
         f"{R}/logs/tables/{{table}}.log",
     wildcard_constraints:
         table="|".join(TABLES) or "^$",
+    params:
+        code=code_hash("collect-summaries"),
     shell:
         "python3 -m metalign collect-summaries --summaries {input} --out {output} 2> {log}"
 
@@ -196,6 +212,7 @@ if GEOMETRY:
         log:
             f"{R}/logs/geometry/{{backbone}}/{{variant}}.log",
         params:
+            code=code_hash("evaluate-geometry"),
             columns=" ".join(f"'{c}'" for c in GEOMETRY["label_columns"]),
             id_column=GEOMETRY.get("id_column", "uniqueID"),
             n_bootstrap=GEOMETRY.get("n_bootstrap", 100),
@@ -213,6 +230,8 @@ if GEOMETRY:
             report(f"{R}/figures/geometry.png", caption="../report/geometry.rst", category="Geometry"),
         log:
             f"{R}/logs/figures/geometry.log",
+        params:
+            code=code_hash("figure-geometry"),
         shell:
             "python3 -m metalign figure-geometry --table {input} --out {output} 2> {log}"
 
@@ -233,6 +252,7 @@ if GEOMETRY:
         log:
             f"{R}/logs/figures/tsne/{{backbone}}.log",
         params:
+            code=code_hash("figure-tsne"),
             colour=GEOMETRY["tsne_colour"],
             reference=REFERENCE,
             id_column=GEOMETRY.get("id_column", "uniqueID"),
@@ -253,6 +273,8 @@ rule figure_behaviour:
         f"{R}/logs/figures/{{bench}}_r2.log",
     wildcard_constraints:
         bench="|".join(BEHAVIOUR) or "^$",
+    params:
+        code=code_hash("figure-behaviour"),
     shell:
         "python3 -m metalign figure-behaviour --stats {input} --title '{wildcards.bench}: McFadden R² across participants'"
         " --out {output} 2> {log}"

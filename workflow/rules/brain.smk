@@ -21,6 +21,7 @@ if "things_fmri" in BRAIN:
         wildcard_constraints:
             subject="[0-9]+",
         params:
+            code=code_hash("brain-prepare-things"),
             betas_dir=BRAIN["things_fmri"]["betas_dir"],
             nc_threshold=BRAIN["things_fmri"]["nc_threshold"],
         shell:
@@ -49,6 +50,7 @@ if "things_fmri" in BRAIN:
         log:
             f"{R}/logs/figures/brain/things_fmri_volume_{{backbone}}.log",
         params:
+            code=code_hash("figure-brain-volume"),
             masks=[BRAIN["things_fmri"]["masks"].format(subject=s) for s in BRAIN["things_fmri"]["subjects"]],
             variant=BRAIN["things_fmri"]["figure_variant"],
         shell:
@@ -70,6 +72,7 @@ if "bold5000" in BRAIN:
         wildcard_constraints:
             subject="CSI[0-9]+",
         params:
+            code=code_hash("brain-prepare-bold5000"),
             root=BRAIN["bold5000"]["root"],
             nc_threshold=BRAIN["bold5000"]["nc_threshold"],
             roi_files=BRAIN["bold5000"]["roi_files"],
@@ -98,6 +101,7 @@ rule brain_encode:
         gpu=lambda wc: int(BRAIN[wc.bench].get("gpu", False)),
         mem_mb=lambda wc: BRAIN[wc.bench].get("mem_mb", 8000),
     params:
+        code=code_hash("brain-encode"),
         alphas=lambda wc: as_json(BRAIN[wc.bench]["alphas"]),
         n_inner=lambda wc: BRAIN[wc.bench]["n_inner"],
         n_folds=lambda wc: f"--n-folds {BRAIN[wc.bench]['n_folds']}" if "n_folds" in BRAIN[wc.bench] else "",
@@ -122,6 +126,7 @@ rule brain_table:
     wildcard_constraints:
         bench="things_fmri|bold5000",
     params:
+        code=code_hash("brain-table"),
         rois=lambda wc: as_json(BRAIN[wc.bench]["rois"]),
     shell:
         "python3 -m metalign brain-table --encodings {input} --rois {params.rois} --out-folds {output.folds}"
@@ -140,6 +145,7 @@ rule figure_brain_rois:
         bench="things_fmri|bold5000",
         scheme="heldout_session|image_kfold|upstream_leaky",
     params:
+        code=code_hash("figure-brain-rois"),
         rois=lambda wc: as_json(BRAIN[wc.bench]["rois"]),
         title=lambda wc: {"things_fmri": "THINGS-fMRI", "bold5000": "BOLD5000"}[wc.bench],
     shell:

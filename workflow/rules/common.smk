@@ -9,6 +9,7 @@ import sys
 from metalign.config.functions import members, resolve_function_sets
 from metalign.config.model import has_representation
 from metalign.config.schema import variant_params
+from metalign.codehash import code_hash
 
 R = config["results"]
 RES = config["resources"]
@@ -46,8 +47,11 @@ def features_of(dataset: str):
 
 
 def _download_outputs(item: str, spec: dict) -> dict:
+    """update(): Snakemake must not delete a verified file before (or after a failed) re-fetch; the download stage
+    replaces it only once the new one is verified."""
     single_file = "url" in spec and ("archive" not in spec or "file" in spec["archive"])
-    return {"receipt": f"{RES}/downloads/{item}.json", **({"file": f"{RES}/{spec['dest']}"} if single_file else {})}
+    file = {"file": update(f"{RES}/{spec['dest']}")} if single_file else {}
+    return {"receipt": update(f"{RES}/downloads/{item}.json"), **file}
 
 
 def _download_inputs(spec: dict) -> list:

@@ -11,6 +11,7 @@ rule demo_world:
     log:
         f"{R}/logs/demo_world.log",
     params:
+        code=code_hash("demo-world"),
         spec=as_json(config["demo"]["world"]),
     shell:
         "python3 -m metalign demo-world --spec {params.spec} --out $(dirname {output.world}) 2> {log}"
@@ -22,6 +23,7 @@ rule demo_vit:
     log:
         f"{R}/logs/demo_vit.log",
     params:
+        code=code_hash("demo-vit"),
         vit=stable(config["demo"]["vit"]),
     shell:
         "python3 -m metalign demo-vit --out $(dirname {output}) --image-size {params.vit[image_size]} --patch-size {params.vit[patch_size]}"
@@ -43,6 +45,7 @@ if "behaviour" in config["demo"]:
         log:
             f"{R}/logs/demo_behaviour.log",
         params:
+            code=code_hash("demo-behaviour"),
             spec=as_json(config["demo"]["behaviour"]),
         shell:
             "python3 -m metalign demo-behaviour --world $(dirname {input}) --spec {params.spec} --out $(dirname {output.levels})"
@@ -59,6 +62,7 @@ if "fmri" in config["demo"]:
         log:
             f"{R}/logs/demo_fmri.log",
         params:
+            code=code_hash("demo-fmri"),
             spec=as_json(config["demo"]["fmri"]),
         shell:
             "python3 -m metalign demo-fmri --world $(dirname {input}) --spec {params.spec} --out $(dirname {output}) 2> {log}"
@@ -77,6 +81,7 @@ if "labelled" in config["demo"]:
         log:
             f"{R}/logs/demo_labelled.log",
         params:
+            code=code_hash("demo-labelled"),
             spec=as_json(config["demo"]["labelled"]),
         shell:
             "python3 -m metalign demo-labelled --world {input} --spec {params.spec} --out $(dirname {output.summary})"

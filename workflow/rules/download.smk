@@ -1,7 +1,9 @@
 # Verified downloads (docs/methods.md P-60): one job per `downloads.items` entry fetches, verifies and places it before any compute
 # job needs it (compute jobs run with the hubs offline). Each job writes the receipt {RES}/downloads/<item>.json last;
 # a single-file item also declares its file, so rules that read it (unique_id.txt, triplets) find their producer.
-# Datasets and backbones point `requires:` at receipts.
+# Datasets and backbones point `requires:` at receipts. Unlike every other rule, downloads carry no code hash: their
+# outputs are verified against checksums, so a code edit cannot change them, and re-fetching would restart every
+# extraction.
 
 DOWNLOADS = config.get("downloads", {}).get("items", {})
 DOWNLOAD_LOCK = config.get("downloads", {}).get("lock", "config/downloads.lock.json")
@@ -24,8 +26,9 @@ for _item, _spec in DOWNLOADS.items():
         params:
             spec=as_json({"name": _item, **_spec}),
             lock=DOWNLOAD_LOCK,
+            root=RES,
         shell:
-            "python3 -m metalign download --spec {params.spec} --root {RES} --lock {params.lock} --receipt {output.receipt} 2> {log}"
+            "python3 -m metalign download --spec {params.spec} --root {params.root} --lock {params.lock} --receipt {output.receipt} 2> {log}"
 
 
 rule downloads:

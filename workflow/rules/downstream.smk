@@ -18,6 +18,7 @@ if "fewshot" in DS:
         wildcard_constraints:
             task="|".join(FEWSHOT["tasks"]),
         params:
+            code=code_hash("downstream-fewshot"),
             splits=lambda wc: _ds_split_flags(_fewshot_refs(wc), wc),
             classes=_fewshot_classes,
             shots=" ".join(str(k) for k in FEWSHOT["shots"]),
@@ -40,6 +41,8 @@ if "fewshot" in DS:
             f"{R}/downstream/fewshot.csv",
         log:
             f"{R}/logs/downstream/fewshot_table.log",
+        params:
+            code=code_hash("downstream-fewshot-table"),
         shell:
             "python3 -m metalign downstream-fewshot-table --summaries {input} --out {output} 2> {log}"
 
@@ -57,6 +60,7 @@ if "breeds" in DS:
         log:
             f"{R}/logs/downstream/breeds_splits.log",
         params:
+            code=code_hash("downstream-breeds-splits"),
             class_info=BREEDS["hierarchy"]["class_info"],
             class_hierarchy=BREEDS["hierarchy"]["class_hierarchy"],
             node_names=BREEDS["hierarchy"]["node_names"],
@@ -78,6 +82,7 @@ if "breeds" in DS:
         log:
             f"{R}/logs/downstream/breeds/{{backbone}}/{{variant}}.log",
         params:
+            code=code_hash("downstream-breeds"),
             splits=lambda wc: _ds_split_flags(BREEDS_REFS, wc),
             probe=_ds_probe_flags(),
         shell:
@@ -97,6 +102,7 @@ if "imagenet_a" in DS:
         log:
             f"{R}/logs/downstream/imagenet_a/{{backbone}}/{{variant}}.log",
         params:
+            code=code_hash("downstream-imagenet-a"),
             splits=lambda wc: _ds_split_flags(IMAGENET_A_REFS, wc),
             probe=_ds_probe_flags(),
             per_class=IMAGENET_A["train_per_class"],
@@ -120,6 +126,7 @@ if "shape_bias" in DS:
         log:
             f"{R}/logs/downstream/shape_bias/{{backbone}}/{{variant}}.log",
         params:
+            code=code_hash("downstream-shape-bias"),
             splits=lambda wc: _ds_split_flags(SHAPE_BIAS_REFS, wc),
             probe=_ds_probe_flags(),
             categories=as_json(SHAPE_BIAS["categories"]),
@@ -147,6 +154,8 @@ rule downstream_table:
         f"{R}/logs/downstream/{{table}}_table.log",
     wildcard_constraints:
         table="breeds|imagenet_a|shape_bias",
+    params:
+        code=code_hash("collect-summaries"),
     shell:
         "python3 -m metalign collect-summaries --summaries {input} --out {output} 2> {log}"
 
@@ -161,6 +170,8 @@ if DS_TABLES:
             report(f"{R}/figures/downstream_gain.png", caption="../report/downstream_gain.rst", category="Downstream"),
         log:
             f"{R}/logs/figures/downstream_gain.log",
+        params:
+            code=code_hash("figure-downstream"),
         shell:
             "python3 -m metalign figure-downstream --alignment {input.alignment} --tables {input.tables} --out {output} 2> {log}"
 

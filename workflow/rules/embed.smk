@@ -13,6 +13,7 @@ rule extract:
     resources:
         gpu=1,
     params:
+        code=code_hash("extract"),
         entry=lambda wc: as_json({"name": wc.backbone, **config["backbones"][wc.backbone]}),
         opts=stable(config.get("extract", {})),
         amp="--amp" if config.get("extract", {}).get("amp") else "",

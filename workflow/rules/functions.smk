@@ -13,6 +13,7 @@ rule sae_train:
         fset=_sets("train"),
     threads: 2
     params:
+        code=code_hash("sae-train"),
         sae=lambda wc: stable(_fs(wc).entry["sae"]),
         output=lambda wc: _fs(wc).source_output,
     shell:
@@ -32,6 +33,7 @@ rule sae_import:
     wildcard_constraints:
         fset=_sets("pretrained"),
     params:
+        code=code_hash("sae-import"),
         weights=lambda wc: _fs(wc).entry["sae"]["weights"],
         opts=lambda wc: " ".join(
             f"--{key} {_fs(wc).entry['sae'][key]}"
@@ -53,6 +55,7 @@ rule sae_encode:
     wildcard_constraints:
         fset=_sets("train", "pretrained"),
     params:
+        code=code_hash("sae-encode"),
         output=lambda wc: _fs(wc).source_output,
         min_nonzero=lambda wc: _fs(wc).entry["min_nonzero"],
         sl=lambda wc: _max_sl(wc.fset),
@@ -71,6 +74,7 @@ rule functions_neurons:
     wildcard_constraints:
         fset=_sets("neurons"),
     params:
+        code=code_hash("functions-neurons"),
         output=lambda wc: _fs(wc).source_output,
         min_nonzero=lambda wc: _fs(wc).entry["min_nonzero"],
         sl=lambda wc: _max_sl(wc.fset),
@@ -89,6 +93,7 @@ rule functions_subset:
     wildcard_constraints:
         fset=_sets("subset"),
     params:
+        code=code_hash("functions-subset"),
         how=_subset_args,
     shell:
         "python3 -m metalign functions-subset --parent {input} --out {output} {params.how} 2> {log}"
@@ -101,5 +106,7 @@ rule functions_summary:
         f"{R}/functions/summary.csv",
     log:
         f"{R}/logs/functions/summary.log",
+    params:
+        code=code_hash("functions-summary"),
     shell:
         "python3 -m metalign functions-summary --inputs {input} --out {output} 2> {log}"

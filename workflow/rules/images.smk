@@ -9,6 +9,7 @@ rule manifest:
     log:
         f"{R}/logs/manifest/{{dataset}}.log",
     params:
+        code=code_hash("manifest"),
         entry=lambda wc: stable(_dataset(wc)),
         split=lambda wc: f"--split {_dataset(wc)['split']}" if "split" in _dataset(wc) else "",  # else from split files
         unique_ids=lambda wc: f"--unique-ids {_dataset(wc)['unique_ids']}" if "unique_ids" in _dataset(wc) else "",

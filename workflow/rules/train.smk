@@ -10,6 +10,7 @@ rule train:
     resources:
         gpu=_gpus,
     params:
+        code=code_hash("train"),
         cfg=lambda wc: as_json(variant_params(config, wc.variant)),
         launcher=_launcher,
     shell:
@@ -28,6 +29,8 @@ rule encode:
         f"{R}/logs/encode/{{dataset}}/{{backbone}}/{{variant}}.log",
     wildcard_constraints:
         variant="|".join(map(re.escape, ENCODED)) or "(?!)",  # no_embed variants have no representation (docs/methods.md §8)
+    params:
+        code=code_hash("encode"),
     shell:
         "python3 -m metalign encode --ckpt {input.ckpt} --features {input.features} --out {output} 2> {log}"
 
@@ -47,6 +50,7 @@ rule icl_eval:
     resources:
         gpu=1,
     params:
+        code=code_hash("icl-eval"),
         n=ICL["n_per_function"],
         seed=ICL["seed"],
     shell:
@@ -61,6 +65,8 @@ rule figure_icl:
         report(f"{R}/figures/icl.png", caption="../report/icl.rst", category="Training"),
     log:
         f"{R}/logs/figures/icl.log",
+    params:
+        code=code_hash("figure-icl"),
     shell:
         "python3 -m metalign figure-icl --inputs {input} --out {output} 2> {log}"
 
@@ -72,5 +78,7 @@ rule figure_learning_curves:
         report(f"{R}/figures/learning_curves.png", caption="../report/learning_curves.rst", category="Training"),
     log:
         f"{R}/logs/figures/learning_curves.log",
+    params:
+        code=code_hash("figure-curves"),
     shell:
         "python3 -m metalign figure-curves --metrics {input} --out {output} 2> {log}"
