@@ -2,6 +2,7 @@
 
 `schema` (the JSON schema, `ConfigError`, a variant's merged train block), `model` (the model and training settings,
 declared once), `functions` (function sets), `datasets` (layouts and splits), `downstream`, `demo` (the demo world's
-specs), `check` (`check(config)`, called once by the Snakefile). Stages import these; nothing here imports a stage
+specs), `backbones` (the widths and depths known before any model loads), `check` (`check(config)`, called once by the
+Snakefile). Stages import these; nothing here imports a stage
 beyond the image-layout registry and the download item checks.
 """

@@ -1,18 +1,22 @@
 """`check(config)`: every check a JSON schema cannot express, run once by the Snakefile before any job.
 
 Names must refer to defined entries, merged variants must be valid training configs, dataset layouts and options,
-download items, the downstream block and the demo specs must be usable. A `ConfigError` names the key path.
+download items, the downstream block and the demo specs must be usable, and sizes must fit the backbones' real widths
+and depths (SAE `k`, heads with `hidden: null`, block indices). A `ConfigError` names the key path and the values.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping
 
+from metalign.config.backbones import backbone_shape, is_demo_vit, output_dim
 from metalign.config.datasets import check_dataset
 from metalign.config.demo import (
     validate_behaviour,
     validate_fmri,
     validate_labelled,
+    validate_vit,
     validate_world,
 )
 from metalign.config.downstream import check_downstream
@@ -21,7 +25,7 @@ from metalign.config.model import SEQUENCE_TYPES, TrainConfig
 from metalign.config.schema import ConfigError, variant_params
 from metalign.download.items import check_download_references
 
-DEMO_SPECS = {"world": validate_world, "fmri": validate_fmri, "behaviour": validate_behaviour,
+DEMO_SPECS = {"world": validate_world, "vit": validate_vit, "fmri": validate_fmri, "behaviour": validate_behaviour,
               "labelled": validate_labelled}
 
 
@@ -29,6 +33,8 @@ def check(config: Mapping[str, Any]) -> None:
     """All cross-field checks of a schema-valid config; raises ConfigError naming the first bad key."""
     check_demo(config)
     check_references(config)
+    check_sizes(config)
+    check_alphas(config)
     try:
         check_download_references(config)
     except ValueError as err:
@@ -84,3 +90,81 @@ def check_references(config: Mapping[str, Any]) -> None:
     for group, members in config.get("statistics", {}).get("groups", {}).items():
         for member in members:
             need(member, config["variants"], f"statistics.groups.{group}", "variant")
+
+
+def check_sizes(config: Mapping[str, Any]) -> None:
+    """Sizes that must fit a backbone's real width or depth (metalign.config.backbones); each job would otherwise fail
+    only after Snakemake has deleted its old outputs. Backbones of unknown size are skipped."""
+    check_blocks(config)
+    for name, entry in config["function_sets"].items():
+        if entry["method"] != "subset":
+            check_source(config, name, entry)
+    for name in config["variants"]:
+        check_variant_widths(config, name)
+
+
+def check_blocks(config: Mapping[str, Any]) -> None:
+    """`layer` and `extra_layers` index the model's blocks; the demo ViT takes images of exactly its own size."""
+    for name, entry in config["backbones"].items():
+        shape = backbone_shape(config, name)
+        if shape is None:
+            continue
+        key = f"backbones.{name}"
+        if "blocks" not in entry:  # a custom block list has a depth of its own
+            layer = entry.get("layer", "final")
+            if isinstance(layer, int) and layer >= shape.depth:  # not "final" or a module name
+                raise ConfigError(f"{key}.layer: block {layer} does not exist; {entry['id']} has {shape.depth} blocks "
+                                  f"(0..{shape.depth - 1})")
+            beyond = [k for k in entry.get("extra_layers", []) if k >= shape.depth]
+            if beyond:
+                raise ConfigError(f"{key}.extra_layers: block(s) {beyond} do not exist; {entry['id']} has "
+                                  f"{shape.depth} blocks (0..{shape.depth - 1})")
+        size = entry.get("preprocessing", {}).get("size")
+        if is_demo_vit(config, name) and size is not None and size != config["demo"]["vit"]["image_size"]:
+            raise ConfigError(f"{key}.preprocessing.size: {size} differs from demo.vit.image_size "
+                              f"({config['demo']['vit']['image_size']}), the only size the demo ViT accepts")
+
+
+def check_source(config: Mapping[str, Any], name: str, entry: Mapping[str, Any]) -> None:
+    """A set's source output must be one its backbone extracts, and a trained SAE must have more latents than `k`."""
+    backbone, output = entry["source"]["backbone"], entry["source"].get("output", "features")
+    extra = config["backbones"][backbone].get("extra_layers", [])
+    if output != "features" and int(output.removeprefix("layer_")) not in extra:
+        raise ConfigError(f"function_sets.{name}.source.output: backbone {backbone!r} has no output {output!r}; its "
+                          f"extra_layers {extra} give {[f'layer_{k}' for k in extra]}")
+    dim = output_dim(config, backbone, output)
+    if entry["method"] != "train" or dim is None:
+        return
+    sae = entry["sae"]
+    width = round(sae["expansion"] * dim)  # as metalign.functions.sae.train_sae
+    if width <= sae["k"]:
+        raise ConfigError(f"function_sets.{name}.sae.k: {sae['k']} active latents need a wider SAE than expansion "
+                          f"{sae['expansion']} × {dim} (backbone {backbone!r}, {output}) = {width} latents")
+
+
+def check_variant_widths(config: Mapping[str, Any], name: str) -> None:
+    """Every variant trains on every backbone: `hidden: null` takes each backbone's width, which the heads must split
+    into even head widths, and `no_embed` feeds the features straight into the core (hidden = that width)."""
+    params = TrainConfig.from_dict(variant_params(config, name))
+    for backbone in config["backbones"]:
+        dim = output_dim(config, backbone)
+        if dim is None:
+            continue
+        if params.no_embed and params.hidden not in (None, dim):
+            raise ConfigError(f"variants.{name}.hidden: no_embed needs hidden = the features' width (null), but "
+                              f"backbone {backbone!r} gives {dim} and hidden is {params.hidden}")
+        if params.hidden is None:
+            try:
+                replace(params, hidden=dim)
+            except ValueError as err:
+                raise ConfigError(f"variants.{name}.n_heads: with hidden: null the width is the feature dimension "
+                                  f"of backbone {backbone!r}, {dim}; {err}") from None
+
+
+def check_alphas(config: Mapping[str, Any]) -> None:
+    """A ridge grid runs from log10_min up to log10_max."""
+    for name, bench in config["benchmarks"].items():
+        grid = bench.get("alphas")
+        if grid and grid["log10_min"] > grid["log10_max"]:
+            raise ConfigError(f"benchmarks.{name}.alphas: log10_min ({grid['log10_min']}) exceeds log10_max "
+                              f"({grid['log10_max']})")

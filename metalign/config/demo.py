@@ -69,6 +69,10 @@ THINGS_KEYS = {"n_subjects": int, "n_sessions": int, "n_test_images": int, "runs
                "volume": list, "image_sd": float, "session_sd": float, "trial_sd": float}
 BOLD_KEYS = {"n_subjects": int, "n_sessions": int, "n_repeated": int, "n_coco": int, "voxels_per_roi": int,
              "runs_per_session": int, "image_sd": float, "session_sd": float, "trial_sd": float}
+# Noise ceilings need repeats: the THINGS split-half ceiling two sessions and two test images (a correlation across
+# images per voxel), the BOLD5000 one at least one image repeated over the sessions.
+FMRI_MINIMUMS = {"n_subjects": 1, "n_sessions": 2, "runs_per_session": 1, "n_test_images": 2, "n_repeated": 1,
+                 "voxels_per_roi": 1}
 
 
 def validate_fmri(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -83,7 +87,7 @@ def validate_fmri(spec: Mapping[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"{where} is missing key {key!r}")
             value = block[key]
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 if kind is float \
-                else isinstance(value, kind) and not isinstance(value, bool)
+                else isinstance(value, kind) and not isinstance(value, bool) and (kind is not int or value >= 0)
             if not ok:
                 raise ValueError(f"{where}.{key} must be a non-negative {kind.__name__}, got {value!r}")
             out[key] = float(value) if kind is float else value
@@ -95,9 +99,10 @@ def validate_fmri(spec: Mapping[str, Any]) -> dict[str, Any]:
     t = clean["things"]
     if len(t["volume"]) != 3 or not all(isinstance(v, int) and v >= 6 for v in t["volume"]):
         raise ValueError(f"demo fmri spec things.volume must be three integers ≥ 6, got {t['volume']}")
-    for block in (t, clean["bold5000"]):
-        if block["n_sessions"] < 2 or block["runs_per_session"] < 1 or block["n_subjects"] < 1:
-            raise ValueError("demo fmri spec needs n_sessions ≥ 2, runs_per_session ≥ 1 and n_subjects ≥ 1")
+    for where, block in (("things", t), ("bold5000", clean["bold5000"])):
+        for key, lowest in FMRI_MINIMUMS.items():
+            if key in block and block[key] < lowest:
+                raise ValueError(f"demo fmri spec {where}.{key} must be ≥ {lowest}, got {block[key]}")
     return clean
 
 
@@ -125,6 +130,7 @@ BEHAVIOUR_KEYS = {
     "category": ("n_participants", "n_trials", "temperature"),
     "reward": ("n_participants", "n_trials", "temperature"),
 }
+BEHAVIOUR_POSITIVE = ("n_participants", "trials_per_participant", "n_trials", "temperature")
 
 
 def validate_behaviour(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -137,8 +143,29 @@ def validate_behaviour(spec: Mapping[str, Any]) -> dict[str, Any]:
         block = spec[task]
         if not isinstance(block, Mapping) or set(block) != set(keys):
             raise ValueError(f"demo behaviour spec {task!r} needs exactly the keys {sorted(keys)}")
-        bad = [k for k in keys if not isinstance(block[k], (int, float)) or isinstance(block[k], bool) or block[k] < 0]
-        if bad or block["temperature"] <= 0 or block["n_participants"] < 1:
-            raise ValueError(f"demo behaviour spec {task!r}: key(s) {bad or ['temperature/n_participants']} out of "
-                             "range")
+        bad = [k for k in keys if not isinstance(block[k], (int, float)) or isinstance(block[k], bool) or block[k] < 0
+               or (k in BEHAVIOUR_POSITIVE and block[k] <= 0)]
+        if bad:
+            raise ValueError(f"demo behaviour spec {task!r}: key(s) {bad} out of range (≥ 0; "
+                             f"{'/'.join(BEHAVIOUR_POSITIVE)} > 0), got {[block[k] for k in bad]}")
     return dict(spec)
+
+
+VIT_KEYS = ("image_size", "patch_size", "hidden_size", "layers", "heads", "seed")
+
+
+def validate_vit(spec: Mapping[str, Any]) -> dict[str, int]:
+    """The demo ViT (config `demo.vit`): what Hugging Face's ViT would refuse only inside the demo_vit job, after
+    Snakemake has already deleted the old model."""
+    if not isinstance(spec, Mapping) or set(spec) != set(VIT_KEYS):
+        raise ValueError(f"demo vit spec needs exactly the keys {list(VIT_KEYS)}, got "
+                         f"{sorted(spec) if isinstance(spec, Mapping) else spec!r}")
+    for key in VIT_KEYS:
+        lowest = 0 if key == "seed" else 1
+        if not _is_int(spec[key]) or spec[key] < lowest:
+            raise ValueError(f"demo vit spec key {key!r} must be an integer ≥ {lowest}, got {spec[key]!r}")
+    if spec["patch_size"] > spec["image_size"]:
+        raise ValueError(f"demo vit spec: patch_size ({spec['patch_size']}) exceeds image_size ({spec['image_size']})")
+    if spec["hidden_size"] % spec["heads"]:
+        raise ValueError(f"demo vit spec: heads ({spec['heads']}) must divide hidden_size ({spec['hidden_size']})")
+    return {key: int(spec[key]) for key in VIT_KEYS}

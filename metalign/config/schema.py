@@ -25,14 +25,19 @@ def load_schema() -> dict[str, Any]:
     return yaml.safe_load(_schema_text())
 
 
+@cache
+def _train_validator() -> jsonschema.protocols.Validator:
+    """Built once: the workflow merges every variant many times while building the DAG."""
+    schema = load_schema()
+    train_schema = {**schema["properties"]["train"], "$defs": schema["$defs"]}
+    return jsonschema.validators.validator_for(train_schema)(train_schema)
+
+
 def variant_params(config: Mapping[str, Any], variant: str) -> dict[str, Any]:
     """The `train` defaults overridden by the variant's own keys, validated as one `train` block."""
     merged = {**config["train"], **{k: v for k, v in config["variants"][variant].items() if k != "function_set"}}
-    schema = load_schema()
-    train_schema = {**schema["properties"]["train"], "$defs": schema["$defs"]}
-    try:
-        jsonschema.validate(merged, train_schema)
-    except jsonschema.ValidationError as err:
+    err = jsonschema.exceptions.best_match(_train_validator().iter_errors(merged))
+    if err is not None:
         where = ".".join(str(p) for p in err.absolute_path)
-        raise ConfigError(f"variants.{variant}.{where}: {err.message}") from None
+        raise ConfigError(f"variants.{variant}.{where}: {err.message}")
     return merged
