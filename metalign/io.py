@@ -160,19 +160,39 @@ def _row_chunks(array: np.ndarray) -> tuple[int, ...]:
     return (rows, *array.shape[1:])
 
 
+def unreadable_h5(path: str | os.PathLike, err: Exception) -> DataContractError:
+    """The error for an HDF5 file that h5py cannot read: which file, and how to rebuild it."""
+    return DataContractError(f"cannot read HDF5 file {path}: {err}. It is truncated or corrupt (an interrupted "
+                             f"write or copy?); delete it, or rerun the rule that makes it "
+                             f"(`snakemake --forcerun <rule>`)")
+
+
+def open_h5(path: str | os.PathLike, mode: str = "r", **kwargs: Any) -> h5py.File:
+    """`h5py.File` for the readers: a missing, truncated or corrupt file is a DataContractError naming the file, not an
+    h5py traceback."""
+    path = Path(path)
+    if mode == "r" and not path.exists():
+        raise DataContractError(f"HDF5 file not found: {path}")
+    try:
+        return h5py.File(path, mode, **kwargs)
+    except OSError as err:
+        raise unreadable_h5(path, err) from None
+
+
 def read_h5(path: str | os.PathLike, names: list[str] | None = None) -> tuple[dict[str, np.ndarray], list[str], dict[str, Any]]:
     """Read arrays, ids and attributes of one file written by `write_h5` (or the resumable extractor)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataContractError(f"HDF5 file not found: {path}")
-    with h5py.File(path, "r") as handle:
-        keys = names or [k for k in handle.keys() if k != "ids"]
-        missing = [k for k in keys if k not in handle]
+    with open_h5(path) as handle:
+        keys = names or [k for k in handle if k != "ids"]
+        missing = [k for k in [*keys, "ids"] if k not in handle]
         if missing:
-            raise DataContractError(f"{path} lacks dataset(s) {missing}; it has {sorted(handle.keys())}")
-        arrays = {k: handle[k][:] for k in keys}
-        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in handle["ids"][:]]
-        return arrays, ids, read_attrs(handle)
+            raise DataContractError(f"{path} lacks dataset(s) {missing}; it has {sorted(handle)} (made by another "
+                                    f"config or code version? rebuild it)")
+        try:  # a file that opens can still fail on a damaged chunk
+            arrays = {k: handle[k][:] for k in keys}
+            ids = [i.decode() if isinstance(i, bytes) else str(i) for i in handle["ids"][:]]
+            return arrays, ids, read_attrs(handle)
+        except OSError as err:
+            raise unreadable_h5(path, err) from None
 
 
 def align_rows(ids: list[str], wanted: list[str], source: str) -> np.ndarray:

@@ -153,3 +153,83 @@ def test_hubs_offline_is_scoped(monkeypatch):
     with hubs_offline():
         assert hub_constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"
     assert not hub_constants.HF_HUB_OFFLINE and "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_missing_weights_name_the_file_and_its_download_rule(tiny_vit, open_clip_tiny, tmp_path):
+    missing = tmp_path / "resources" / "models" / "dinov2_vitb14" / "model.safetensors"
+    entry = {"name": "dinov2", "source": "timm", "id": "vit_tiny_patch16_224", "model_kwargs": TIMM_TINY,
+             "checkpoint": {"path": str(missing), "timm_filter": True},
+             "requires": ["resources/downloads/dinov2_vitb14.json"]}
+    with pytest.raises(FileNotFoundError, match=rf"'dinov2'.*{missing}.*`snakemake download_dinov2_vitb14`"):
+        load_backbone(entry)
+    clip = {"name": "clip", "source": "open_clip", "id": open_clip_tiny, "pretrained": str(tmp_path / "clip.bin"),
+            "requires": ["resources/demo/downloads/clip-b32.v2.json"]}
+    with pytest.raises(FileNotFoundError, match=r"clip\.bin does not exist; get it with `snakemake download_clip_b32"):
+        load_backbone(clip)
+    vit = {"name": "vit", "source": "transformers", "id": str(tmp_path / "models" / "vit_tiny"),
+           "requires": ["resources/demo/models/vit_tiny/config.json"]}
+    with pytest.raises(FileNotFoundError, match=r"vit_tiny does not exist; get it with `snakemake resources/demo/"):
+        load_backbone(vit)
+
+
+def test_hub_weights_while_offline_are_refused_unless_random_init():
+    with hubs_offline():
+        with pytest.raises(FileNotFoundError, match=r"'resnet'.*timm's pretrained weights for 'resnet18'.*offline.*"
+                                                     r"download rule.*`pretrained: false` for random init"):
+            load_backbone({"name": "resnet", "source": "timm", "id": "resnet18"})
+        with pytest.raises(FileNotFoundError, match=r"torchvision's pretrained weights for 'resnet18'"):
+            load_backbone({"name": "resnet", "source": "torchvision", "id": "resnet18"})
+        random_init = load_backbone({"name": "resnet", "source": "torchvision", "id": "resnet18", "pretrained": False})
+    assert random_init.preprocessing.size == 224 and random_init.preprocessing.crop_pct == pytest.approx(224 / 256)
+    assert random_init.preprocessing.interpolation == "bilinear"
+
+
+def test_layers_by_module_name_and_spatial_stages():
+    torch.manual_seed(0)
+    entry = {"name": "vit", "source": "timm", "id": "vit_tiny_patch16_224", "pretrained": False,
+             "model_kwargs": TIMM_TINY, "pooling": "avg"}
+    by_index = load_backbone(entry | {"layer": 1})
+    by_name = load_backbone(entry | {"layer": "blocks.1"})
+    by_name.module.load_state_dict(by_index.module.state_dict())
+    head = _count_calls(by_name.module.norm)
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(by_name.forward(x)["features"], by_index.forward(x)["features"])
+        tokens = by_index.module.blocks[:2](by_index.module._pos_embed(by_index.module.patch_embed(x)))
+    torch.testing.assert_close(by_index.forward(x)["features"], tokens.mean(dim=1))  # avg: every token, CLS included
+    assert len(head) == 0  # the pass stopped once the named module had run
+
+    convnext = load_backbone({"name": "cnx", "source": "timm", "id": "convnext_atto", "pretrained": False, "layer": 2,
+                              "pooling": "max", "preprocessing": {"size": 32}})
+    model = convnext.module
+    with torch.no_grad():
+        stage = model.stages[:3](model.stem(x))
+        torch.testing.assert_close(convnext.forward(x)["features"], stage.amax(dim=(2, 3)))
+    with pytest.raises(ValueError, match=r"'cnx'.*pooling 'cls' does not apply to a spatial \(B, C, H, W\) output"):
+        load_backbone({"name": "cnx", "source": "timm", "id": "convnext_atto", "pretrained": False, "layer": 2,
+                       "pooling": "cls", "preprocessing": {"size": 32}})
+    with pytest.raises(ValueError, match=r"'cnx'.*has no module 'stages.9'"):
+        load_backbone({"name": "cnx", "source": "timm", "id": "convnext_atto", "pretrained": False,
+                       "layer": "stages.9", "pooling": "avg", "preprocessing": {"size": 32}})
+
+
+def test_cache_key_sees_weights_content_not_their_location(tiny_vit, tmp_path):
+    import shutil
+
+    import timm
+
+    keys = []
+    for folder in ("checkout_a/resources/models", "elsewhere/venv/models"):
+        weights = tmp_path / folder / "model.pth"
+        weights.parent.mkdir(parents=True)
+        torch.manual_seed(0)
+        torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False, **TIMM_TINY).state_dict(), weights)
+        entry = {"name": "vit", "source": "timm", "id": "vit_tiny_patch16_224", "model_kwargs": TIMM_TINY,
+                 "checkpoint": {"path": str(weights)}, "requires": [str(tmp_path / folder / "receipt.json")]}
+        keys.append(cache_key(entry, load_backbone(entry).provenance, "inputs"))
+    assert keys[0] == keys[1]
+    moved = tmp_path / "moved" / "vit_tiny"
+    shutil.copytree(tiny_vit, moved)
+    vit = {"name": "vit", "source": "transformers", "id": str(tiny_vit), "layer": "final", "pooling": "cls"}
+    assert cache_key(vit, load_backbone(vit).provenance, "inputs") == \
+        cache_key(vit | {"id": str(moved)}, load_backbone(vit | {"id": str(moved)}).provenance, "inputs")

@@ -100,3 +100,59 @@ def test_manifest_that_does_not_match_files_is_refused(tiny_vit, image_set, tmp_
     os.remove(missing)
     with pytest.raises(DataContractError, match=manifest["image_id"][2]):
         extract(_entry(tiny_vit), image_set, tmp_path / "emb.h5")
+
+
+def test_truncated_features_file_names_the_file_and_how_to_rebuild(tiny_vit, image_set, tmp_path):
+    out = tmp_path / "emb.h5"
+    extract(_entry(tiny_vit), image_set, out, batch_size=4)
+    with pytest.raises(DataContractError, match=r"lacks dataset\(s\) \['layer_6'\]; it has \['features', 'ids'\]"):
+        read_h5(out, ["layer_6"])
+    with open(out, "r+b") as handle:
+        handle.truncate(out.stat().st_size // 2)
+    with pytest.raises(DataContractError, match=rf"{out}.*truncated or corrupt.*`snakemake --forcerun <rule>`"):
+        read_h5(out)
+
+
+def _resnet_entry(weights, **extra) -> dict:
+    return {"name": "resnet", "source": "torchvision", "id": "resnet18", "checkpoint": {"path": str(weights)},
+            "preprocessing": {"size": 32, "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.25] * 3}, **extra}
+
+
+def test_torchvision_stage_by_name_pooled_equals_manual_forward(tmp_path):
+    import torchvision
+    from PIL import Image
+    from torchvision import transforms
+
+    write_images(tmp_path / "imgs", 4)
+    manifest = tmp_path / "manifest.csv"
+    write_csv(manifest, build_manifest("flat", tmp_path / "imgs", "train"))
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    weights = tmp_path / "resnet18.pth"
+    torch.save(model.state_dict(), weights)
+    out = tmp_path / "emb.h5"
+    extract(_resnet_entry(weights, layer="layer3", pooling="avg"), manifest, out, batch_size=3)
+    features = read_h5(out)[0]["features"]
+    transform = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32), transforms.ToTensor(),
+                                    transforms.Normalize([0.5] * 3, [0.25] * 3)])
+    paths = load_verified_manifest(manifest)["path"]
+    x = torch.stack([transform(Image.open(path).convert("RGB")) for path in paths])
+    with torch.no_grad():
+        h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        h = model.layer3(model.layer2(model.layer1(h)))
+    assert h.shape[1:] == (256, 2, 2) and features.shape == (4, 256)
+    np.testing.assert_allclose(features, h.mean(dim=(2, 3)).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_spatial_output_without_fitting_pooling_fails_before_any_file(tmp_path, image_set):
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    out = tmp_path / "emb.h5"
+    with pytest.raises(ValueError, match=r"'resnet': no `pooling` declared; the output of layer 'layer3' takes one"):
+        extract(_resnet_entry(weights, layer="layer3"), image_set, out)
+    with pytest.raises(ValueError, match=r"'resnet': layer 'layer3': pooling 'mean_patches' does not apply to a "
+                                         r"spatial \(B, C, H, W\) output \(1, 256, 2, 2\)"):
+        extract(_resnet_entry(weights, layer="layer3", pooling="mean_patches"), image_set, out)
+    assert list(tmp_path.glob("emb.h5*")) == []

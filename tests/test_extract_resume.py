@@ -145,3 +145,46 @@ def test_manifest_checksums_refuse_changed_images(tiny_vit, tmp_path):
     paths[4].write_bytes(paths[0].read_bytes())  # still a valid image, but not the one the manifest recorded
     with pytest.raises(DataContractError, match=f"{paths[4]} does not match its manifest checksum"):
         extract(_entry(tiny_vit), manifest, tmp_path / "bad.h5", batch_size=2)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "dataset_missing"])
+def test_damaged_partial_is_discarded_and_rebuilt(tiny_vit, tmp_path, caplog, damage):
+    write_images(tmp_path / "imgs", 10)
+    manifest = tmp_path / "m.csv"
+    write_csv(manifest, build_manifest("flat", tmp_path / "imgs", "train"))
+    reference, out = tmp_path / "reference.h5", tmp_path / "e.h5"
+    extract(_entry(tiny_vit), manifest, reference, batch_size=4)
+    extract(_entry(tiny_vit), manifest, out, batch_size=4, max_batches=2)
+    partial = out.with_name(out.name + ".partial.h5")
+    if damage == "truncated":  # e.g. a copy or a disk that ran full
+        with open(partial, "r+b") as handle:
+            handle.truncate(partial.stat().st_size // 2)
+    else:  # cache key and row counter intact, rows gone: resuming would keep 8 rows of zeros
+        with h5py.File(partial, "a") as handle:
+            del handle["features"]
+    caplog.set_level(logging.INFO, logger="metalign.embed.extract")
+    extract(_entry(tiny_vit), manifest, out, batch_size=4)
+    assert f"partial file {partial} is truncated or corrupt" in caplog.text
+    assert "discarded, extracting from scratch" in caplog.text and "resuming" not in caplog.text
+    assert not partial.exists()
+    with h5py.File(reference) as ref, h5py.File(out) as got:
+        for name in ("features", "layer_0"):
+            np.testing.assert_array_equal(ref[name][:], got[name][:])
+
+
+def test_partial_open_in_another_process_is_left_alone(tiny_vit, tmp_path):
+    write_images(tmp_path / "imgs", 4)
+    manifest = tmp_path / "m.csv"
+    write_csv(manifest, build_manifest("flat", tmp_path / "imgs", "train"))
+    out = tmp_path / "e.h5"
+    extract(_entry(tiny_vit), manifest, out, batch_size=2, max_batches=1)
+    partial = out.with_name(out.name + ".partial.h5")
+    hold = f"import h5py, sys; h = h5py.File({str(partial)!r}, 'a'); print('open', flush=True); sys.stdin.read()"
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "open\n"
+        with pytest.raises(DataContractError, match=f"{partial} is open in another process"):
+            extract(_entry(tiny_vit), manifest, out, batch_size=2)
+        assert partial.exists()
+    finally:
+        holder.communicate("")

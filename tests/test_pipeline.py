@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -101,6 +102,56 @@ def test_changed_training_steps_rerun_only_descendants(demo, tmp_path):
     assert jobs["train"] == len(changed) * n_backbones
     assert jobs["things_ooo"] == len(encoded) * n_backbones  # meta jobs only: base results are reused, not recomputed
     assert jobs["things_ooo_table"] == 1 and jobs["figure_learning_curves"] == 1
+
+
+def _provenance_triggered(result: subprocess.CompletedProcess, reason: str) -> set[str]:
+    """Rules listed under one reason of the dry run's summary, e.g. "params have changed since last execution"."""
+    match = re.search(re.escape(reason) + r":\n\s+(.*)\n", result.stdout + result.stderr)
+    return set(match.group(1).split(", ")) if match else set()
+
+
+def test_code_edit_reruns_exactly_its_importers_and_paths_do_not_matter(demo, tmp_path):
+    """The same code from a moved checkout, run by another name of the interpreter, has nothing to do; an edit to a
+    science module re-runs exactly the jobs whose command imports it (and what depends on them)."""
+    workdir, _ = demo
+    copy = tmp_path / "moved checkout"
+    for part in ("metalign", "workflow", "config"):
+        shutil.copytree(REPO / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+    python3 = Path(sys.executable).with_name("python3")
+    interpreter = str(python3 if python3.exists() and python3 != Path(sys.executable) else sys.executable)
+
+    def dry_run() -> subprocess.CompletedProcess:
+        cmd = [interpreter, "-m", "snakemake", "-s", str(copy / "workflow" / "Snakefile"), "-d", str(workdir), "-n",
+               "all", "--quiet", "rules", "--configfile", str(copy / "config" / "demo.yaml")]
+        return subprocess.run(cmd, cwd=copy, capture_output=True, text=True, timeout=600, check=True)
+
+    assert "Nothing to be done" in dry_run().stdout + dry_run().stderr
+    science = copy / "metalign" / "behaviour" / "learning.py"
+    science.write_text(science.read_text() + "\n# a science fix\n")
+    result = dry_run()
+    jobs = planned_jobs(result)
+    assert _provenance_triggered(result, "params have changed since last execution") == {"category_learning",
+                                                                                          "reward_learning"}
+    config = yaml.safe_load(DEMO.read_text())
+    from metalign.config.model import has_representation
+    from metalign.config.schema import variant_params
+
+    encoded = [v for v in config["variants"] if has_representation(variant_params(config, v))]
+    assert jobs["category_learning"] == jobs["reward_learning"] == len(config["backbones"]) * (1 + len(encoded))
+    assert not (UPSTREAM | {"train", "encode", "things_ooo", "levels_ooo", "brain_encode"}) & set(jobs), jobs
+
+
+def test_long_rules_write_progress_to_their_logs(demo):
+    """Logs are not empty when stderr is a file: training, extraction, SAE training and encoding report progress."""
+    logs = demo[0] / "results" / "demo" / "logs"
+    for pattern, needle in (("train/*/*.log", "train:"), ("extract/*/*.log", "extract "),
+                            ("functions/*/sae_train.log", "sae train: 100%"), ("brain/*/*/*/*/*.log", "folds: 100%")):
+        found = sorted(logs.glob(pattern))
+        assert found, pattern
+        for log in found:
+            assert needle in log.read_text(), (log, log.read_text()[-500:])
+    training = sorted(logs.glob("train/*/*.log"))[0].read_text()
+    assert re.search(r"step \d+/\d+: val loss", training), training[-500:]
 
 
 def test_report_has_figures_and_rulegraph(demo):

@@ -5,7 +5,9 @@ pass, plus `ids`. Images are plain files or members of webdataset shards (`<shar
 
 Resume: rows are written in manifest order into `<out>.partial.h5`, whose `n_done` attribute is advanced only after
 the rows are flushed. A rerun with the same cache key continues from there, so a `kill -9` costs at most one batch,
-and the finished file is identical to an uninterrupted run. The partial file is renamed onto `<out>` at the end.
+and the finished file is identical to an uninterrupted run. The partial file is renamed onto `<out>` at the end. A
+partial file that is truncated, corrupt or not laid out as this code writes it is discarded and rebuilt from scratch:
+its rows are never trusted.
 Compute jobs run with the model hubs offline (docs/methods.md P-60): weights come from download rules.
 """
 
@@ -25,12 +27,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from metalign.embed.backbones import Backbone, cache_key, hubs_offline, load_backbone
+from metalign.embed.backbones import EXTRACTION_CODE_VERSION, Backbone, cache_key, hubs_offline, load_backbone
 from metalign.images.manifest import ImageReader, load_verified_manifest
 from metalign.io import DataContractError, library_versions, manifest_hash, set_attrs
 from metalign.progress import progress
 
 log = logging.getLogger(__name__)
+_DISCARDED = "partial file %s is truncated or corrupt (%s): discarded, extracting from scratch"
 
 
 def decode(data: bytes, source: str) -> Image.Image:
@@ -65,18 +68,47 @@ class ManifestImages(Dataset):
         return self.transform(decode(data, path))
 
 
-def _open_partial(path: Path, key: str, ids: list[str]) -> tuple[h5py.File, int]:
+def _rows_done(handle: h5py.File, ids: list[str], outputs: list[str]) -> int:
+    """The partial file's finished row count, once its layout is checked to be the one `extract` writes (raises
+    OSError, KeyError or ValueError otherwise)."""
+    done = int(handle.attrs["n_done"])
+    if not 0 <= done <= len(ids):
+        raise ValueError(f"n_done {done} is outside 0..{len(ids)}")
+    if [i.decode() if isinstance(i, bytes) else str(i) for i in handle["ids"][:]] != ids:
+        raise ValueError("its ids differ from the manifest's")
+    present = sorted(name for name in handle if name != "ids")
+    if done and present != sorted(outputs):
+        raise ValueError(f"{done} rows counted but datasets {present}, not {sorted(outputs)}")
+    for name in present:
+        data = handle[name]
+        if name not in outputs or data.ndim != 2 or len(data) != len(ids):
+            raise ValueError(f"dataset {name!r} of shape {data.shape} is not an output of {len(ids)} rows")
+        if done:
+            _ = data[done - 1]  # the last counted row reads back
+    return done
+
+
+def _open_partial(path: Path, key: str, ids: list[str], outputs: list[str]) -> tuple[h5py.File, int]:
     """Reopen a partial file written under the same cache key, or start a fresh one."""
     if path.exists():
         try:
             handle = h5py.File(path, "a")
-            if handle.attrs.get("cache_key") == key:
-                done = int(handle.attrs["n_done"])
-                log.info("resuming %s at row %d of %d", path, done, len(ids))
-                return handle, done
+        except OSError as err:
+            if "unable to lock" in str(err):  # another process writes it: discarding it would give two writers
+                raise DataContractError(f"{path} is open in another process; is the same extraction running twice?") \
+                    from None
+            log.warning(_DISCARDED, path, err)
+        else:
+            try:
+                if handle.attrs.get("cache_key") == key:
+                    done = _rows_done(handle, ids, outputs)
+                    log.info("resuming %s at row %d of %d", path, done, len(ids))
+                    return handle, done
+                log.info("partial file %s has another cache key (weights, settings or inputs changed): starting over",
+                         path)
+            except (OSError, KeyError, ValueError, TypeError) as err:
+                log.warning(_DISCARDED, path, err)
             handle.close()
-        except OSError:
-            log.warning("partial file %s is unreadable; starting over", path)
         path.unlink()
     handle = h5py.File(path, "w")
     handle.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
@@ -120,7 +152,7 @@ def extract(entry: dict[str, Any], manifest_path: str | Path, out: str | Path, b
     key = cache_key(entry, backbone.provenance, _inputs_sha(manifest))
     partial = out.with_name(out.name + ".partial.h5")
     out.parent.mkdir(parents=True, exist_ok=True)
-    handle, done = _open_partial(partial, key, ids)
+    handle, done = _open_partial(partial, key, ids, backbone.outputs)
     loader = DataLoader(ManifestImages(manifest, backbone.preprocessing.build(), start=done), batch_size=batch_size,
                         num_workers=num_workers, pin_memory=dev.type == "cuda")
     use_amp = amp and dev.type == "cuda"
@@ -147,7 +179,7 @@ def extract(entry: dict[str, Any], manifest_path: str | Path, out: str | Path, b
 
 def _provenance(entry: dict[str, Any], backbone: Backbone, manifest_path: str | Path, manifest: pd.DataFrame,
                 amp: bool) -> dict[str, Any]:
-    return {**backbone.provenance, "backbone": entry["name"], "manifest": str(manifest_path),
-            "manifest_sha256": manifest_hash(manifest), "image_checksums": "sha256" in manifest,
-            "dtype": "bfloat16-autocast" if amp else "float32", "library_versions": library_versions(),
-            "config_entry": entry}
+    return {**backbone.provenance, "backbone": entry["name"], "extraction_code_version": EXTRACTION_CODE_VERSION,
+            "manifest": str(manifest_path), "manifest_sha256": manifest_hash(manifest),
+            "image_checksums": "sha256" in manifest, "dtype": "bfloat16-autocast" if amp else "float32",
+            "library_versions": library_versions(), "config_entry": entry}
