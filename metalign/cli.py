@@ -25,6 +25,7 @@ STAGES = {
                                 "downstream-imagenet-a", "downstream-shape-bias", "downstream-fewshot-table",
                                 "figure-downstream"),
     "metalign.results": ("collect-summaries",),
+    "metalign.cost": ("cost",),
     "metalign.demo.cli": ("demo-world", "demo-vit", "demo-behaviour", "demo-fmri", "demo-labelled"),
 }
 COMMANDS = {command: module for module, commands in STAGES.items() for command in commands}
