@@ -22,6 +22,7 @@ from metalign.train.sampler import EpisodeSampler
 from metalign.train import cli as train_cli
 from metalign.train.checkpoint import MODEL_FORMAT
 from metalign.train.loop import METRIC_COLUMNS
+from metalign.config.model import TrainConfig
 
 D = 16
 SMALL = dict(seed=7, sl=20, batch_size=32, lr=3e-3, log_every=5, n_eval_episodes_per_function=4, min_step=0,
@@ -165,9 +166,116 @@ def test_hurdle_loss_matches_formula():
     mags = labels * torch.rand(3, 5)
     loss, bce, mse = model.loss(logits, pred, labels, mags, labels)
     ref_bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
-    ref_mse = (((pred - mags) / 1.7)[labels == 1] ** 2).mean()
+    ref_mse = ((pred - mags)[labels == 1] ** 2).mean()  # raw magnitudes (the study), not sigma_m units
     torch.testing.assert_close(loss, np.exp(-0.3) * ref_bce + 0.5 * np.exp(0.2) * ref_mse + 0.5 * 0.1)
     torch.testing.assert_close(mse, ref_mse)
+
+
+def test_hurdle_loss_is_the_studys_on_raw_magnitudes():
+    """The study's loss (bin/train.py, BaseMetaLearner.compute_loss): exp(−s1)·BCE + 0.5·exp(−s2)·MSE + 0.5·(s1 + s2),
+    s1 = s2 = 0 at initialisation, MSE of raw magnitudes over the positives, the magnitude head read in raw units.
+    Hand-built: logits 0 (BCE ln 2), positive m = 3 predicted 1, negative predicted 5, sigma_m = 2."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(d_in=D, hidden=24, n_heads=4), 2.0)
+    assert model.config.mag_units == "raw" and torch.equal(model.loss_log_var.detach(), torch.zeros(2))
+    logits, pred = torch.zeros(1, 2), torch.tensor([[1.0, 5.0]])
+    labels, mags = torch.tensor([[1.0, 0.0]]), torch.tensor([[3.0, 0.0]])
+    loss, bce, mse = (t.detach() for t in model.loss(logits, pred, labels, mags, labels))
+    assert float(bce) == pytest.approx(np.log(2)) and float(mse) == pytest.approx(4.0)  # (1 − 3)², not ((1 − 3)/2)²
+    assert float(loss) == pytest.approx(np.log(2) + 0.5 * 4.0)
+    with torch.no_grad():
+        model.loss_log_var.copy_(torch.tensor([0.3, -0.2]))
+    loss = model.loss(logits, pred, labels, mags, labels)[0].detach()
+    assert float(loss) == pytest.approx(np.exp(-0.3) * np.log(2) + 0.5 * np.exp(0.2) * 4.0 + 0.5 * 0.1, rel=1e-6)
+    # the magnitude head's output is the raw prediction (not × sigma_m); sigma_m scales only the previous-magnitude input
+    model.eval()
+    captured = {}
+    model.mag_head.register_forward_hook(lambda module, args, out: captured.update(out=out))
+    _, magnitude = model(torch.randn(2, 6, D), torch.rand(2, 6))
+    torch.testing.assert_close(magnitude, captured["out"].squeeze(-1))
+
+    # option `magnitude_units: sigma` (ours before): residuals in sigma_m units, the head × sigma_m
+    option = build_model(ModelConfig(d_in=D, hidden=24, n_heads=4, magnitude_units="sigma"), 2.0)
+    loss, _, mse = (t.detach() for t in option.loss(logits, pred, labels, mags, labels))
+    assert float(mse) == pytest.approx(1.0) and float(loss) == pytest.approx(np.log(2) + 0.5 * 1.0)
+    # static_linear: the study fitted each function in its own std units, which stays its default
+    assert ModelConfig(d_in=D, model_type="static_linear", n_functions=3).mag_units == "sigma"
+    with pytest.raises(ValueError, match="magnitude_units 'log'"):
+        ModelConfig(d_in=D, n_heads=4, magnitude_units="log")
+
+
+def test_checkpoints_without_magnitude_units_load_in_sigma_units():
+    """Checkpoints written before `magnitude_units` existed were trained in sigma_m units and load as such."""
+    from metalign.train.model import model_from_checkpoint
+
+    model = build_model(ModelConfig(d_in=D, hidden=24, n_heads=4, magnitude_units="sigma"), 1.7)
+    config = model.config.to_dict()
+    del config["magnitude_units"]
+    loaded = model_from_checkpoint({"model_config": config, "sigma_m": 1.7, "state_dict": model.state_dict()})
+    assert loaded.config.mag_units == "sigma"
+    x, mags = torch.randn(2, 5, D), torch.rand(2, 5)
+    torch.testing.assert_close(loaded(x, mags)[1], model.eval()(x, mags)[1])
+
+
+def _step(mags: list[float], preds: list[float]) -> tuple:
+    """A hand-built evaluation batch: the given positives, then as many negatives (magnitude 0, not fitted)."""
+    from metalign.train.tasks import Step
+
+    n = len(mags)
+    labels = torch.tensor([1.0] * n + [0.0] * n)
+    step = Step(torch.arange(2 * n), labels, torch.tensor(mags + [0.0] * n), labels.clone())
+    return torch.where(labels > 0, 3.0, -3.0), torch.tensor(preds + [0.0] * n), step
+
+
+def test_selection_r2_is_the_positive_weighted_mean_of_batch_r2():
+    """The study's eval R² (bin/train.py, utils.calc_r2): each batch's R² over its positives, 0 for a batch with < 2
+    positives, averaged with the batches' positive counts as weights. Option `r2_average: pooled` pools every output."""
+    from metalign.train.loop import MetricSums
+
+    batches = [_step([1.0, 2.0, 3.0], [1.0, 2.0, 4.0]),  # mean 2, SS 2, SSE 1: R² 0.5, weight 3
+               _step([10.0, 12.0], [11.0, 12.0]),         # mean 11, SS 2, SSE 1: R² 0.5, weight 2
+               _step([5.0], [0.0])]                       # one positive: R² 0, weight 1
+    scores = {}
+    for average in ("batch", "pooled"):
+        sums = MetricSums(torch.device("cpu"), average)
+        for logits, preds, step in batches:
+            sums.add(logits, preds, step, torch.tensor(1.0))
+        scores[average] = sums.summary(torch.zeros(2))
+    assert scores["batch"]["r2"] == pytest.approx((0.5 * 3 + 0.5 * 2 + 0.0 * 1) / 6)
+    m, p = np.array([1, 2, 3, 10, 12, 5.0]), np.array([1, 2, 4, 11, 12, 0.0])
+    assert scores["pooled"]["r2"] == pytest.approx(1 - ((m - p) ** 2).sum() / ((m - m.mean()) ** 2).sum())
+    assert scores["batch"]["acc"] == 1.0 and scores["batch"]["score"] == pytest.approx(0.5 + 0.5 * 2.5 / 6)
+    assert TrainConfig().r2_average == "batch"
+
+
+def _trace(config: TrainConfig, trace: list[tuple[int, float]]) -> tuple[list[int], list[int], int | None]:
+    """Runs `_select` over a scripted validation trace of (1-based step, S) at accuracy 0.7: the steps that save a new
+    best, the patience count after each evaluation and the step that stops training."""
+    from metalign.train.loop import _select, _State
+
+    state, saved, stale = _State(), [], []
+    for step, score in trace:
+        improved, stop = _select(state, step, {"score": score, "acc": 0.7}, config)
+        saved += [step] if improved else []
+        stale.append(state.stale)
+        if stop:
+            return saved, stale, step
+    return saved, stale, None
+
+
+def test_selection_rule_is_the_studys():
+    """The study (bin/train.py): with the 0-based step counter t, early stopping is active once t ≥ 1000 and acc ≥ 0.6,
+    i.e. from the evaluation at (1-based) step 1100; while active a new best is saved only on an improvement > 0.001."""
+    trace = [(900, 0.6000), (1000, 0.6005), (1100, 0.6008), (1200, 0.6020)] + \
+            [(step, 0.6020) for step in range(1300, 2400, 100)]
+    saved, stale, stopped = _trace(TrainConfig(), trace)
+    assert saved == [900, 1000, 1200]  # 1000 is not yet active (any increase saves); 1100's +0.0003 does not save
+    assert stale[:4] == [0, 0, 1, 0] and stopped == 2200  # ten evaluations without improvement after 1200
+    # options: save on any increase (save_rule: any) and start at step 1000 (min_step: 999) = the previous rule
+    saved, stale, stopped = _trace(TrainConfig(save_rule="any", min_step=999), trace)
+    assert saved == [900, 1000, 1100, 1200] and stale[:4] == [0, 1, 2, 0] and stopped == 2200
+    with pytest.raises(ValueError, match="save_rule 'best'"):
+        TrainConfig(save_rule="best")
 
 
 # ------------------------------------------------------------------------------------------------- training

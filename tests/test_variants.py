@@ -12,7 +12,7 @@ import torch
 
 from metalign.functions.codes import Codes, read_codes, write_codes, write_neurons
 from metalign.functions.select import function_stats, select_functions
-from metalign.io import write_h5
+from metalign.io import DataContractError, write_h5
 from metalign.config.model import TrainConfig
 from metalign.train.data import Features
 from metalign.train.loop import train
@@ -124,16 +124,89 @@ def test_lstm_is_causal_and_config_errors():
 def test_weight_decay_reaches_the_embedding_only_when_asked(data, tmp_path):
     model = build_model(ModelConfig(d_in=D, hidden=24, n_heads=4), 1.0)
     spared = {id(p) for p in parameter_groups(model, 0.1)[1]["params"]}
-    assert id(model.embed.weight) in spared and id(model.loss_log_var) in spared
+    assert id(model.embed.weight) in spared and id(model.embed.bias) in spared and len(spared) == 2
     assert id(model.core.blocks[0].attn.qkv.weight) not in spared
     spared = {id(p) for p in parameter_groups(model, 0.1, decay_embed=True)[1]["params"]}
-    assert id(model.embed.weight) not in spared and id(model.loss_log_var) in spared
+    assert id(model.embed.weight) not in spared and not spared
 
     norms = {}
     for decay_embed in (False, True):
         result, _ = fit(data, tmp_path, f"wd{decay_embed}", steps=40, weight_decay=10.0, decay_embed=decay_embed)
         norms[decay_embed] = float(result.model.embed.weight.detach().norm())
     assert norms[True] < 0.6 * norms[False]
+
+
+def test_weight_decay_reaches_the_loss_weights_as_in_the_study():
+    """The study (bin/train.py) spared only `embed.*` from decay, so the learned loss weights s1, s2 were decayed;
+    option `decay_loss_weights: false` spares them."""
+    model = build_model(ModelConfig(d_in=D, hidden=24, n_heads=4), 1.0)
+    config = TrainConfig.from_dict({**FAST, "weight_decay": 1e-4})
+    groups = parameter_groups(model, config.weight_decay, config.decay_embed, config.decay_loss_weights)
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 1e-4 and id(model.loss_log_var) in decayed
+    assert id(model.embed.weight) not in decayed
+    groups = parameter_groups(model, 1e-4, decay_loss_weights=False)
+    assert id(model.loss_log_var) in {id(p) for p in groups[1]["params"]} and groups[1]["weight_decay"] == 0.0
+    # static_linear: the study's rule spared only a sequence model's `embed.*` (its static layer was `proj`)
+    static = build_model(ModelConfig(d_in=D, hidden=24, model_type="static_linear", n_functions=3), np.ones(3))
+    assert not parameter_groups(static, 1e-4)[1]["params"]
+
+
+def _study_config() -> dict:
+    import yaml
+
+    from tests.conftest import REPO
+
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def test_study_width_is_the_backbones():
+    """The study's meta-learner is as wide as its backbone (hidden: null): for the 1024-d MAE the embed maps
+    1025 → 1024 with 16 heads of 64; only the width sweep h128/h256/h512 sets a width, and the heads of every
+    variant split every backbone's width into even head widths."""
+    from metalign.config.backbones import output_dim
+    from metalign.config.schema import variant_params
+
+    config = _study_config()
+    dims = {name: output_dim(config, name) for name in config["backbones"]}
+    assert dims["mae"] == 1024 and dims["clip"] == 768
+    sweep = {"h128": 128, "h256": 256, "h512": 512}
+    for variant in config["variants"]:
+        params = TrainConfig.from_dict(variant_params(config, variant))
+        for backbone, dim in dims.items():
+            model = ModelConfig.from_dict(params.model_dict(dim, n_functions=7))
+            assert model.hidden == sweep.get(variant, dim), (variant, backbone)
+            assert (model.hidden // model.n_heads) % 2 == 0 and model.hidden % model.n_heads == 0
+    main = TrainConfig.from_dict(variant_params(config, "main"))
+    model = build_model(ModelConfig.from_dict(main.model_dict(1024, 1)), 1.0)
+    assert (model.embed.in_features, model.embed.out_features) == (1025, 1024)
+    assert model.config.hidden // model.config.n_heads == 64
+
+
+def test_static_linear_sees_distinct_images_per_step(data):
+    """The study's static_linear drew 4096 distinct images per step (a distributed sampler over the finite image set,
+    4 GPUs × 1024, epochs reshuffled); here every step's global batch is distinct images, epochs are permutations,
+    ranks split the step's batch, and the draws are seeded."""
+    from metalign.config.schema import variant_params
+    from metalign.train.tasks import StaticTask
+
+    assert variant_params(_study_config(), "static_linear")["batch_size"] == 4096
+    (xt, ct), (xv, cv) = data["train"], data["val"]
+    config = TrainConfig.from_dict({**FAST, "model_type": "static_linear", "batch_size": 64})
+    task = StaticTask(config, xt.values, ct, xv.values, cv, 0, 1, torch.device("cpu"))
+    assert task.steps_per_epoch == 400 // 64
+    epoch = [task.sample(64, step) for step in range(1, 7)]
+    assert all(len(np.unique(rows)) == 64 for rows in epoch)
+    assert len(np.unique(np.concatenate(epoch))) == 6 * 64  # no image twice within an epoch
+    assert not np.array_equal(task.sample(64, 7), epoch[0])  # the next epoch is reshuffled
+    again = StaticTask(config, xt.values, ct, xv.values, cv, 0, 1, torch.device("cpu"))
+    np.testing.assert_array_equal(again.sample(64, 3), epoch[2])  # seeded, independent of call order (resume)
+    ranks = [StaticTask(config, xt.values, ct, xv.values, cv, r, 2, torch.device("cpu")).sample(32, 3) for r in (0, 1)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(ranks)), np.sort(epoch[2]))  # ranks split the global batch
+    with pytest.raises(DataContractError, match="only 400"):
+        StaticTask(TrainConfig.from_dict({**config.to_dict(), "batch_size": 401}), xt.values, ct, xv.values, cv, 0, 1,
+                   torch.device("cpu"))
+
 
 
 # ------------------------------------------------------------------------------------------------- training

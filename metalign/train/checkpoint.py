@@ -13,7 +13,7 @@ from torch import nn
 from metalign.io import DataContractError, atomic_path
 
 MODEL_FORMAT = "metalign.metalearner/1"   # the selected model (out_ckpt)
-STATE_FORMAT = "metalign.train_state/2"   # the resumable training state (`.last.pt`)
+STATE_FORMAT = "metalign.train_state/3"   # the resumable training state (`.last.pt`)
 _COMPILE_PREFIX = "_orig_mod."
 
 

@@ -74,32 +74,45 @@ _DROPOUT_STREAM = 2  # seed streams 0 and 1 are the sampler's training and evalu
 class MetricSums:
     """Output-level sums kept on the device and read back only when a metrics row is written (no per-step sync).
 
-    Magnitudes are in sigma_m units; MSE and R2 are over the fitted outputs (positives of sparse functions, all
-    outputs of dense ones): R2 = 1 - SSE / sum (m - mean m)^2. Accuracy is over all outputs.
+    Magnitudes are in the loss's units (`mag_scale`: raw, or sigma_m units, docs/methods.md §6); MSE and R² are over
+    the fitted outputs (positives of sparse functions, all outputs of dense ones). Accuracy is over all outputs.
+    R² is either the study's positive-weighted mean of per-batch R² (`batch`: each batch's
+    1 − SSE_b / Σ_b (m − mean_b m)², taken as 0 for a batch with fewer than 2 fitted outputs or Σ_b (m − mean_b m)² <
+    1e-6, weighted by its fitted count) or pooled over all batches (`pooled`: 1 − SSE / Σ (m − mean m)²).
     """
 
-    def __init__(self, device: torch.device):
-        self.total = torch.zeros(7, dtype=torch.float64, device=device)
+    _R2_MIN_SS = 1e-6  # the study's threshold below which a batch's R² counts as 0
+
+    def __init__(self, device: torch.device, r2_average: str = "batch"):
+        self.r2_average = r2_average
+        self.total = torch.zeros(9, dtype=torch.float64, device=device)
 
     @torch.no_grad()
-    def add(self, logits: torch.Tensor, mag_pred: torch.Tensor, step: Step, sigma_m: torch.Tensor) -> None:
-        logits, labels, fitted = logits.float(), step.labels, step.mse_mask
-        target = step.mags / sigma_m
-        residual = mag_pred.float() / sigma_m - target
+    def add(self, logits: torch.Tensor, mag_pred: torch.Tensor, step: Step, mag_scale: torch.Tensor) -> None:
+        logits, labels, fitted = logits.float(), step.labels, step.mse_mask.double()
+        target = (step.mags / mag_scale).double()
+        residual = (mag_pred.float() / mag_scale).double() - target
+        n_fit, sse = fitted.sum(), (residual.square() * fitted).sum()
+        m_sum = (target * fitted).sum()
+        ss_batch = ((target - m_sum / n_fit.clamp(min=1)).square() * fitted).sum()
+        r2_batch = torch.where((n_fit >= 2) & (ss_batch >= self._R2_MIN_SS), 1 - sse / ss_batch.clamp(min=1e-300), 0.0)
         parts = (labels.new_tensor(labels.numel()),
                  F.binary_cross_entropy_with_logits(logits, labels, reduction="sum"),
-                 ((logits > 0) == (labels > 0)).sum(), fitted.sum(), (residual.square() * fitted).sum(),
-                 (target * fitted).sum(), (target.square() * fitted).sum())
+                 ((logits > 0) == (labels > 0)).sum(), n_fit, sse, m_sum, (target.square() * fitted).sum(),
+                 r2_batch * n_fit, n_fit)
         self.total += torch.stack([p.double() for p in parts])
 
     def reset(self) -> None:
         self.total.zero_()
 
     def summary(self, log_var: torch.Tensor) -> dict[str, float]:
-        tokens, bce_sum, correct, n_pos, sse, m_sum, m2_sum = self.total.tolist()
+        tokens, bce_sum, correct, n_pos, sse, m_sum, m2_sum, r2_weighted, r2_weight = self.total.tolist()
         bce, mse, acc = bce_sum / tokens, sse / max(n_pos, 1.0), correct / tokens
-        ss_tot = m2_sum - m_sum ** 2 / n_pos if n_pos else 0.0
-        r2 = 1.0 - sse / ss_tot if ss_tot > 0 else math.nan
+        if self.r2_average == "batch":
+            r2 = r2_weighted / r2_weight if r2_weight > 0 else 0.0
+        else:
+            ss_tot = m2_sum - m_sum ** 2 / n_pos if n_pos else 0.0
+            r2 = 1.0 - sse / ss_tot if ss_tot > 0 else math.nan
         loss = hurdle_objective(torch.tensor(bce), torch.tensor(mse), log_var.detach().double().cpu())
         return {"loss": float(loss), "bce": bce, "mse": mse, "acc": acc, "r2": r2, "score": 0.5 * acc + 0.5 * r2}
 
@@ -184,9 +197,9 @@ def _train(config: TrainConfig, X_train: Features, codes_train: Codes, X_val: Fe
     torch.manual_seed(config.seed)
     model_config = ModelConfig.from_dict(config.model_dict(x_train.shape[1], task.n_functions))
     model = build_model(model_config, task.sigma_m).to(device)
-    optimizer = AdamWScheduleFree(parameter_groups(model, config.weight_decay, config.decay_embed), lr=config.lr,
-                                  warmup_steps=0)
-    train_sums = MetricSums(device)
+    optimizer = AdamWScheduleFree(parameter_groups(model, config.weight_decay, config.decay_embed,
+                                                   config.decay_loss_weights), lr=config.lr, warmup_steps=0)
+    train_sums = MetricSums(device, config.r2_average)
     last_path = out_ckpt.with_suffix(".last.pt")
     state = _resume(last_path, config, fingerprint, model, optimizer, train_sums)
 
@@ -230,7 +243,7 @@ def _train(config: TrainConfig, X_train: Features, codes_train: Codes, X_val: Fe
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             optimizer.step()
-            train_sums.add(logits, mag_pred, current, model.sigma_m)
+            train_sums.add(logits, mag_pred, current, model.mag_scale)
             state.step = step
             if step % config.log_every == 0:
                 all_sum(train_sums.total, context)
@@ -239,7 +252,7 @@ def _train(config: TrainConfig, X_train: Features, codes_train: Codes, X_val: Fe
             if step % config.eval_every == 0 or step == config.steps:
                 model.eval()
                 optimizer.eval()
-                scores = _evaluate(model, forward_eval, task, config.eval_batch, amp, context)
+                scores = _evaluate(model, forward_eval, task, config.eval_batch, amp, context, config.r2_average)
                 state.rows.append(row(step, "val", scores))
                 improved, stopped = _select(state, step, scores, config)
                 if improved:
@@ -287,29 +300,35 @@ def _batch_hash(batch: Any) -> str:
 
 @torch.no_grad()
 def _evaluate(model: nn.Module, forward: Callable, task: Any, batch_size: int, amp: Callable[[], ContextManager],
-              context: Context) -> dict[str, float]:
-    """Scores over the fixed validation set: each rank its shard, sums added over ranks."""
-    sums = MetricSums(context.device)
+              context: Context, r2_average: str = "batch") -> dict[str, float]:
+    """Scores over the fixed validation set: each rank its shard in batches of `batch_size`, sums added over ranks."""
+    sums = MetricSums(context.device, r2_average)
     for current in task.eval_steps(batch_size):
         with amp():
             logits, mag_pred = task.predict(forward, current, train=False)
-        sums.add(logits, mag_pred, current, model.sigma_m)
+        sums.add(logits, mag_pred, current, model.mag_scale)
     all_sum(sums.total, context)
     return sums.summary(model.loss_log_var)
 
 
 def _select(state: _State, step: int, scores: dict[str, float], config: TrainConfig) -> tuple[bool, bool]:
-    """Best-model and early-stopping bookkeeping (docs/methods.md §7); returns (save as best, stop).
+    """Best-model and early-stopping bookkeeping (docs/methods.md §7); returns (save as best, stop). `step` is 1-based.
 
-    Any increase of S saves a new best. Early stopping is active only when step >= min_step and the current
-    accuracy >= min_acc; then an evaluation that does not beat the best S by more than min_delta counts towards
-    `patience` and one that does resets the count.
+    The study's rule: early stopping is active once the 0-based step (step − 1) reaches min_step and the current
+    accuracy ≥ min_acc. While active, only an evaluation that beats the best S by more than min_delta saves a new best
+    and resets the count; any other counts towards `patience` (with save_rule "any", a smaller increase still saves).
+    While inactive, any increase of S saves, and the count is left as it is.
     """
     score = scores["score"] if math.isfinite(scores["score"]) else -math.inf
     first = state.best_score is None
-    if step >= config.min_step and scores["acc"] >= config.min_acc:
-        state.stale = 0 if first or score > state.best_score + config.min_delta else state.stale + 1
-    improved = first or score > state.best_score
+    increased = first or score > state.best_score
+    if step - 1 >= config.min_step and scores["acc"] >= config.min_acc:
+        if first or score > state.best_score + config.min_delta:
+            state.stale, improved = 0, True
+        else:
+            state.stale, improved = state.stale + 1, config.save_rule == "any" and increased
+    else:
+        improved = increased
     if improved:
         state.best_score = score
     return improved, state.stale >= config.patience

@@ -128,14 +128,18 @@ def hurdle_objective(bce: torch.Tensor, mse: torch.Tensor, log_var: torch.Tensor
 
 
 class HurdleModel(nn.Module):
-    """Shared loss of every model type: BCE over all outputs, MSE over the fitted ones in sigma_m units.
+    """Shared loss of every model type: BCE over all outputs, MSE over the fitted ones, in `mag_scale` units.
 
-    `forward` returns magnitudes in raw units (head output x sigma_m), and the loss divides residuals by sigma_m, so
-    its scale does not depend on the targets' magnitude scale. sigma_m is one scalar (sequence models) or one value
-    per function (static_linear). The loss weights s1, s2 (`loss_log_var`, init 0) live in the model.
+    The study's units (`magnitude_units: null`, docs/methods.md §6): sequence models fit raw magnitudes (mag_scale =
+    1), static_linear fits each function in its own std units (mag_scale = sigma_m per function). Option
+    `magnitude_units: sigma` fits sequence models in sigma_m units too. Either way `forward` returns raw magnitudes
+    (head output x mag_scale) and the loss divides residuals by mag_scale. sigma_m is one scalar (sequence models:
+    it also scales the previous-magnitude input) or one value per function (static_linear). The loss weights s1, s2
+    (`loss_log_var`, init 0) live in the model.
     """
 
-    representation: tuple[str, ...] = ()  # submodules that encode() uses (weight decay reaches them only on request)
+    representation: tuple[str, ...] = ()  # submodules that encode() uses
+    decay_spared: tuple[str, ...] = ()    # submodules weight decay spares unless decay_embed (the study's rule, §7)
 
     def __init__(self, c: ModelConfig, sigma_m: float | Sequence[float]):
         super().__init__()
@@ -146,11 +150,16 @@ class HurdleModel(nn.Module):
         self.loss_log_var = nn.Parameter(torch.zeros(2))
         self.register_buffer("sigma_m", sigma)
 
+    @property
+    def mag_scale(self) -> torch.Tensor:
+        """Magnitudes per unit of the magnitude head and of the loss: sigma_m, or 1 for raw units."""
+        return self.sigma_m if self.config.mag_units == "sigma" else torch.ones_like(self.sigma_m)
+
     def loss(self, logits: torch.Tensor, mag_pred: torch.Tensor, labels: torch.Tensor, mags: torch.Tensor,
              mse_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Hurdle loss in fp32: MSE over the tokens of `mse_mask` (positives; all tokens of dense functions)."""
         bce = F.binary_cross_entropy_with_logits(logits.float(), labels)
-        residual = (mag_pred.float() - mags) / self.sigma_m
+        residual = (mag_pred.float() - mags) / self.mag_scale
         mse = (residual.square() * mse_mask).sum() / mse_mask.sum().clamp(min=1)
         return hurdle_objective(bce, mse, self.loss_log_var), bce.detach(), mse.detach()
 
@@ -164,7 +173,7 @@ class MetaLearner(HurdleModel):
             self.previous = nn.Linear(1, c.d_in)
         else:
             self.embed = nn.Linear(c.d_in + 1, c.hidden)
-            self.representation = ("embed",)
+            self.representation = self.decay_spared = ("embed",)
         self.core = CORES[c.model_type](c)
         self.ln_f = nn.LayerNorm(c.hidden)
         self.logit_head = nn.Linear(c.hidden, 1)
@@ -179,7 +188,7 @@ class MetaLearner(HurdleModel):
             weight = self.embed.weight
             tokens = F.linear(x, weight[:, 1:], self.embed.bias) + previous * weight[:, 0]
         h = self.ln_f(self.core(tokens))
-        return self.logit_head(h).squeeze(-1), self.mag_head(h).squeeze(-1) * self.sigma_m
+        return self.logit_head(h).squeeze(-1), self.mag_head(h).squeeze(-1) * self.mag_scale
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The evaluated representation (docs/methods.md §8): embed([0, x]), an affine map R^D -> R^H."""
@@ -192,7 +201,9 @@ class MetaLearner(HurdleModel):
 class StaticLinear(HurdleModel):
     """Multi-task baseline: r = LayerNorm(W x + c), then a binary and a magnitude head per training function.
 
-    sigma_m holds each function's magnitude std, so magnitudes are fitted in per-function standard units (docs/methods.md §5).
+    sigma_m holds each function's magnitude std; by default (the study's) magnitudes are fitted in these per-function
+    standard units (docs/methods.md §5, §6). Weight decay reaches every layer, as in the study, whose name for `embed`
+    was `proj` (only sequence models' `embed.*` was spared).
     """
 
     representation = ("embed", "embed_norm")
@@ -208,7 +219,7 @@ class StaticLinear(HurdleModel):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, D) -> logits and raw magnitudes (B, F) of every training function."""
         r = self.encode(x)
-        return self.logit_head(r), self.mag_head(r) * self.sigma_m
+        return self.logit_head(r), self.mag_head(r) * self.mag_scale
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed_norm(self.embed(x))
@@ -220,18 +231,24 @@ def build_model(config: ModelConfig, sigma_m: float | Sequence[float]) -> Hurdle
     return MetaLearner(config, float(np.asarray(sigma_m)))
 
 
-def parameter_groups(model: HurdleModel, weight_decay: float, decay_embed: bool = False) -> list[dict[str, Any]]:
-    """The loss weights s1, s2 are never decayed; the representation (`embed`, docs/methods.md §7) only if decay_embed
-    (docs/methods.md P-27: otherwise weight decay never reaches the evaluated layer); the rest is decayed."""
+def parameter_groups(model: HurdleModel, weight_decay: float, decay_embed: bool = False,
+                     decay_loss_weights: bool = True) -> list[dict[str, Any]]:
+    """The study's rule (docs/methods.md §7): every parameter is decayed except a sequence model's `embed` layer, so
+    the loss weights s1, s2 are decayed too. decay_embed: decay the embed as well (docs/methods.md P-27);
+    decay_loss_weights=False: spare s1, s2 (our option: decay pulls the learned log-variances towards 0)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        spared = name == "loss_log_var" or (not decay_embed and name.split(".")[0] in model.representation)
+        spared = (name == "loss_log_var" and not decay_loss_weights) or (
+            not decay_embed and name.split(".")[0] in model.decay_spared)
         (no_decay if spared else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+LEGACY_MAGNITUDE_UNITS = "sigma"  # checkpoints written before `magnitude_units` existed fitted sigma_m units
+
+
 def model_from_checkpoint(ckpt: Mapping[str, Any]) -> HurdleModel:
-    config = ModelConfig.from_dict(ckpt["model_config"])
+    config = ModelConfig.from_dict({"magnitude_units": LEGACY_MAGNITUDE_UNITS, **ckpt["model_config"]})
     model = build_model(config, ckpt["sigma_m"])
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()

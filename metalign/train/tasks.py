@@ -1,7 +1,8 @@
 """What one optimiser step sees, per model family: episodes (sequence models) or images × all functions (static).
 
 Both tasks keep the features (and static targets) on the training device, draw the step's rows on the CPU from a
-generator seeded by (seed, stream, rank, step), and yield (logits, magnitudes, labels, true magnitudes, MSE mask)
+generator seeded by (seed, stream, rank, step) (static_linear: by (seed, stream, epoch), one permutation shared by the
+ranks), and yield (logits, magnitudes, labels, true magnitudes, MSE mask)
 with one meaning of each for the loss and the metrics.
 """
 
@@ -64,6 +65,11 @@ class EpisodeTask:
 class StaticTask:
     """static_linear: a batch of images with the labels and magnitudes of every training function (dense (B, F)).
 
+    As in the study (a distributed sampler over the finite image set, docs/methods.md §7), every step's global batch
+    is `batch_size` distinct images: epochs are seeded permutations of the training images cut into
+    floor(N / batch_size) global batches (the remainder is dropped), and rank r takes every world-th image of the
+    step's global batch.
+
     Validation images are scored on the *training* functions, read from the validation split's own codes (any latent
     active there, kept by that split's selection or not); a training function absent from that file is all-negative.
     """
@@ -74,9 +80,14 @@ class StaticTask:
             raise DataContractError(
                 f"static_linear needs training and validation functions over the same columns: {codes_train.kind} "
                 f"with {codes_train.attrs.get('n_columns')} vs {codes_val.kind} with {codes_val.attrs.get('n_columns')}")
-        self.seed, self.rank, self.device = config.seed, rank, device
+        self.seed, self.rank, self.world, self.device = config.seed, rank, world, device
         self.n_functions, self.latent_id = codes_train.n_functions, codes_train.latent_id
         self.n_rows = codes_train.n_rows
+        self.steps_per_epoch = self.n_rows // config.batch_size
+        if self.steps_per_epoch < 1:
+            raise DataContractError(f"static_linear: a step draws batch_size={config.batch_size} distinct training "
+                                    f"images, but there are only {self.n_rows}")
+        self._epoch: tuple[int, np.ndarray] | None = None
         self.features = torch.from_numpy(x_train).to(device)
         self.val_features = torch.from_numpy(x_val).to(device)
         self.train_targets = self._targets(codes_train)
@@ -96,8 +107,13 @@ class StaticTask:
                 torch.from_numpy(dense).to(self.device))
 
     def sample(self, batch_size: int, step: int) -> np.ndarray:
-        rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(_TRAIN_STREAM, self.rank, int(step))))
-        return rng.integers(0, self.n_rows, size=batch_size)
+        """This rank's `batch_size` rows of 1-based `step`: distinct within the step and within its epoch."""
+        epoch, position = divmod(int(step) - 1, self.steps_per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:  # one permutation per epoch, shared by every rank
+            rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(_TRAIN_STREAM, epoch)))
+            self._epoch = (epoch, rng.permutation(self.n_rows))
+        size = batch_size * self.world
+        return self._epoch[1][position * size:(position + 1) * size][self.rank::self.world].copy()
 
     def to_device(self, rows: np.ndarray, targets: tuple[torch.Tensor, ...] | None = None) -> Step:
         rows_t = torch.as_tensor(rows, device=self.device)
