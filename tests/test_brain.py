@@ -12,12 +12,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from sklearn.linear_model import RidgeCV
+from sklearn.metrics import r2_score
 from threadpoolctl import threadpool_limits
 
 from metalign.brain import bold5000, cv, stats, things
 from metalign.brain.encoding import encode, read_encoding, stimulus_rows, write_encoding
 from metalign.brain.hdf import read_rows_by_id, write_frame
-from metalign.brain.ridge import GroupedRidgeCV, alpha_grid, himalaya_fit_predict
+from metalign.brain.ridge import GroupedRidgeCV, LooRidgeCV, alpha_grid, himalaya_fit_predict
 from metalign.brain.subject import read_subject, write_subject
 from metalign.config.demo import validate_fmri
 from metalign.demo import cli as demo_cli
@@ -25,6 +28,7 @@ from metalign.demo import fmri as demo_fmri
 from metalign.io import DataContractError
 
 ALPHAS = alpha_grid(-3, 5, 40)
+STUDY_ALPHAS = np.logspace(-6, 3, 100)  # upstream bin/eval_brain.py: RidgeCV(alphas=…, alpha_per_target=True)
 SPEC = {"seed": 7,
         "things": {"n_subjects": 2, "n_sessions": 6, "n_test_images": 10, "runs_per_session": 2, "volume": [9, 10, 8],
                    "image_sd": 0.6, "session_sd": 0.2, "trial_sd": 0.8},
@@ -262,6 +266,26 @@ def test_torch_backend_matches_numpy():
     got = GroupedRidgeCV(ALPHAS, splits, backend="torch", dtype="float64").fit_predict(X, Y, X_test)
     np.testing.assert_array_equal(got[1], ref[1])
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+    ref, got = (LooRidgeCV(ALPHAS, backend=name).fit_predict(X, Y, X_test) for name in ("numpy", "torch"))
+    np.testing.assert_array_equal(got[1], ref[1])
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(150, 12), (60, 150)])  # covariance (n > D) and Gram (D > n) sides
+def test_loo_ridge_matches_sklearn_ridgecv(shape):
+    rng = np.random.default_rng(6)
+    X = (rng.standard_normal(shape) * rng.uniform(0.2, 4, shape[1]) + 2).astype(np.float32)
+    Y = X @ rng.standard_normal((shape[1], 15)) * rng.uniform(0, 0.3, 15) + rng.standard_normal((shape[0], 15)) * 3
+    X_test = rng.standard_normal((9, shape[1]))
+    pred, best, mse = LooRidgeCV(STUDY_ALPHAS, target_batch=4).fit_predict(X, Y, X_test)
+    ref = RidgeCV(alphas=STUDY_ALPHAS, alpha_per_target=True, store_cv_results=True).fit(X, Y)
+    np.testing.assert_allclose(pred, ref.predict(X_test), rtol=1e-6, atol=1e-6)
+    loo = ref.cv_results_.reshape(shape[0], 15, len(STUDY_ALPHAS)).mean(0)  # per target and α: mean squared LOO error
+    np.testing.assert_allclose(mse, loo.min(1), rtol=1e-6)
+    # the same α wherever scikit-learn's own scores separate it from the runner-up by more than rounding
+    clear = np.sort(loo, axis=1)[:, 1] - loo.min(1) > 1e-6 * loo.min(1)
+    assert clear.sum() >= 5
+    np.testing.assert_array_equal(STUDY_ALPHAS[best][clear], ref.alpha_[clear])
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -323,6 +347,35 @@ def test_leakage_free_scheme_removes_the_repeat_leak(world, subject):
     roi = subject.rois.any(1)
     assert np.nanmean(leaky.r2[roi]) > np.nanmean(free.r2[roi]) + 0.05
     assert all(f["shared_images"] > 0 for f in leaky.attrs["per_fold"])
+
+
+def test_upstream_leaky_folds_equal_sklearn_ridgecv(world, subject):
+    """The study's scheme, fold by fold: scikit-learn RidgeCV (efficient LOO, α per voxel) on the same training rows."""
+    features = np.hstack([planted(world, subject), np.random.default_rng(1).standard_normal((len(subject.betas), 4))])
+    features = features.astype(np.float32)
+    result = encode(subject, features, "upstream_leaky", alpha_grid(**cv.STUDY_ALPHAS), n_inner=5, seed=0)
+    _, outer = cv.outer_folds("upstream_leaky", subject.session, subject.stimulus, None, seed=0)
+    for k, (train, test) in enumerate(outer):
+        ref = RidgeCV(alphas=STUDY_ALPHAS, alpha_per_target=True).fit(features[train], subject.betas[train])
+        r2 = r2_score(subject.betas[test], ref.predict(features[test]), multioutput="raw_values")
+        np.testing.assert_allclose(result.r2[:, k], r2, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(result.alphas[result.alpha_index[:, k]], ref.alpha_)
+    assert result.attrs["inner"] == "loo" and result.attrs["n_inner"] is None
+
+
+def test_study_alpha_grid_for_the_leaky_scheme_only():
+    np.testing.assert_array_equal(alpha_grid(**cv.STUDY_ALPHAS), STUDY_ALPHAS)
+    wide = {"log10_min": -6, "log10_max": 8, "n": 100}
+    assert cv.scheme_alphas({"alphas": wide}, "upstream_leaky") == cv.STUDY_ALPHAS
+    assert cv.scheme_alphas({"alphas": wide}, "heldout_session") == wide
+    assert cv.scheme_alphas({"alphas": wide, "leaky_alphas": wide}, "upstream_leaky") == wide  # a named override
+    root = Path(__file__).resolve().parents[1]
+    for name in ("config.yaml", "demo.yaml"):
+        bench = yaml.safe_load((root / "config" / name).read_text())["benchmarks"]["things_fmri"]
+        np.testing.assert_array_equal(alpha_grid(**cv.scheme_alphas(bench, "upstream_leaky")), STUDY_ALPHAS)
+        assert cv.scheme_alphas(bench, "heldout_session") == wide  # the leakage-free scheme keeps its own grid
+    with pytest.raises(ValueError, match="leave-one-out"):
+        cv.inner_splits("upstream_leaky", np.zeros(4), np.array(list("abcd")), 2, seed=0)
 
 
 # ----------------------------------------------------------------------------------------------- tables, figures, CLI

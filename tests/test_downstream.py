@@ -310,6 +310,68 @@ def test_fewshot_cli_planted_beats_random(demo_sets, tmp_path):
     assert accuracy["planted"]["n_classes"] == 9 and len(accuracy["planted"]["acc_1shot_per_seed"]) == 3
 
 
+def _big_vision_accuracy(x, y, x_test, y_test, n_classes, l2):
+    """big_vision's fewshot_lsr (`_precompute_cache`, `_eig_fewshot_acc_fn`) transcribed: standardise with the shots'
+    mean and std + 1e-5, a constant feature of 100, targets 2·one_hot − 1, eigendecomposition of the smaller Gram."""
+    mean, std = x.mean(0, keepdims=True), x.std(0, keepdims=True) + 1e-5
+
+    def pad(a):
+        return np.pad((a - mean) / std, ((0, 0), (0, 1)), constant_values=100.0)
+
+    z, t = pad(x), 2.0 * np.eye(n_classes)[y] - 1.0
+    if len(z) >= z.shape[1]:
+        eigs, q = np.linalg.eigh(z.T @ z)
+        rhs, lhs = q.T @ (z.T @ t), q
+    else:
+        eigs, q = np.linalg.eigh(z @ z.T)
+        rhs, lhs = q.T @ t, z.T @ q
+    w = (lhs * (1.0 / (eigs + l2))[None, :]) @ rhs
+    return float(np.mean(np.argmax(pad(x_test) @ w, axis=1) == y_test))
+
+
+def _big_vision_fewshot(x, y, x_test, y_test, n_classes, shots, seeds, l2):
+    """big_vision's `compute_fewshot_metrics`: per seed one permutation of each class's rows, the first k per class."""
+    out = {}
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        perms = [rng.permutation(np.where(y == c)[0]) for c in range(n_classes)]
+        for k in shots:
+            idx = np.concatenate([p[:k] for p in perms])
+            out[k, seed] = _big_vision_accuracy(x[idx], y[idx], x_test, y_test, n_classes, l2)
+    return out
+
+
+def test_fewshot_default_is_big_vision_and_l2_is_an_option(tmp_path):
+    """Row norms carry the class here, so unit rows (the old default) lose it: the two settings must differ."""
+    rng = np.random.default_rng(11)
+    n_classes, per_class, dim = 3, 40, 6
+    y = np.tile(np.arange(n_classes), 2 * per_class)  # classes interleaved in manifest order
+    split = np.repeat(["train", "test"], n_classes * per_class)
+    x = (1.0 + y[:, None]) * rng.uniform(1, 2, dim) + rng.normal(scale=0.4, size=(len(y), dim))
+    ids = [f"c{c}/{i:03d}.jpg" for i, c in enumerate(y)]
+    frame = pd.DataFrame({"image_id": ids, "path": ids, "label": [f"c{c}" for c in y], "split": split})
+    write_csv(tmp_path / "set.csv", frame)
+    write_h5(tmp_path / "set.h5", {"features": x.astype(np.float32)}, ids,
+             attrs={"manifest_sha256": manifest_hash(frame)})
+    train, test = split == "train", split == "test"
+    shots, seeds = [1, 3, 10], [0, 1, 2]
+    splits = ["--train-manifest", tmp_path / "set.csv", "--train-features", tmp_path / "set.h5", "--train-split",
+              "train", "--test-manifest", tmp_path / "set.csv", "--test-features", tmp_path / "set.h5",
+              "--test-split", "test", "--shots", *shots, "--seeds", *seeds, "--l2-reg", 1024]
+    x32 = x.astype(np.float32).astype(np.float64)
+    unit = x32 / np.linalg.norm(x32, axis=1, keepdims=True)
+    for flags, rows, normalised in (([], x32, False), (["--l2-normalise"], unit, True)):
+        _run("downstream-fewshot", "--task", "planted", *splits, *flags, "--out", tmp_path / "out.json")
+        got = json.loads((tmp_path / "out.json").read_text())
+        want = _big_vision_fewshot(rows[train], y[train], rows[test], y[test], n_classes, shots, seeds, 1024.0)
+        assert got["l2_normalise"] is normalised
+        for k in shots:
+            assert got[f"acc_{k}shot_per_seed"] == [want[k, seed] for seed in seeds]
+    raw = _big_vision_fewshot(x32[train], y[train], x32[test], y[test], n_classes, shots, seeds, 1024.0)
+    l2 = _big_vision_fewshot(unit[train], y[train], unit[test], y[test], n_classes, shots, seeds, 1024.0)
+    assert np.mean(list(raw.values())) > np.mean(list(l2.values())) + 0.2
+
+
 def test_breeds_cli_separates_shape_from_appearance(demo_sets, tmp_path):
     h = demo_sets / "labelled" / "breeds"
     splits = tmp_path / "splits.json"

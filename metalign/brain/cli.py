@@ -100,8 +100,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--subject-file", required=True, type=Path, help="prepared subject (brain-prepare-*)")
     p.add_argument("--features", required=True, type=Path, help="embeddings or representations HDF5 (features + ids)")
     p.add_argument("--scheme", required=True, choices=sorted(SCHEMES))
-    p.add_argument("--alphas", required=True, help='α grid as JSON: {"log10_min": -6, "log10_max": 3, "n": 100}')
-    p.add_argument("--n-inner", type=int, default=5, help="inner CV folds for α selection")
+    p.add_argument("--alphas", required=True, help='α grid as JSON: {"log10_min": -6, "log10_max": 3, "n": 100} '
+                   "(the workflow passes cv.scheme_alphas: the study's grid for upstream_leaky)")
+    p.add_argument("--n-inner", type=int, default=5,
+                   help="inner CV folds for α selection (upstream_leaky: unused, leave-one-out)")
     p.add_argument("--n-folds", type=int, default=None, help="outer folds (scheme image_kfold only)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--backend", default="auto", help="himalaya backend: numpy, torch, torch_cuda or auto")

@@ -8,13 +8,14 @@ image appears in that fold's test set, and select α by an inner CV built the sa
   set's sessions in `n_inner` contiguous groups, with the same dropping.
 - `image_kfold`: outer, images in `n_folds` seeded groups (all repetitions of an image in one fold); inner, the
   training set's images in `n_inner` seeded groups.
-- `upstream_leaky`: outer, one fold per session with nothing dropped (upstream-compatible, leaks); inner,
-  `n_inner` seeded random groups of trials (repetitions on both sides, as in upstream's efficient LOO).
+- `upstream_leaky`: the study's own scheme (bin/eval_brain.py): outer, one fold per session with nothing dropped
+  (leaks); α by scikit-learn's efficient leave-one-out over trials (`ridge.LooRidgeCV`; repetitions of the left-out
+  image stay in training) on the study's grid, `STUDY_ALPHAS`, unless the benchmark sets `leaky_alphas`.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -27,10 +28,20 @@ SCHEMES = {
                        "from training; inner: sessions of the training set in contiguous groups, same dropping",
     "image_kfold": "outer: images assigned to seeded folds (all repetitions of an image in one fold); "
                    "inner: images of the training set in seeded groups",
-    "upstream_leaky": "outer: leave one session out without dropping repeated images (upstream-compatible, leaky); "
-                      "inner: seeded random trial folds",
+    "upstream_leaky": "outer: leave one session out without dropping repeated images (the study's scheme, leaky); "
+                      "inner: efficient leave-one-out over trials (scikit-learn RidgeCV)",
 }
 LEAKY = {"upstream_leaky"}
+LOO = {"upstream_leaky"}  # α by efficient leave-one-out instead of inner splits
+# the study's grid, np.logspace(-6, 3, 100) in bin/eval_brain.py; the leakage-free schemes use the benchmark's `alphas`
+STUDY_ALPHAS = {"log10_min": -6, "log10_max": 3, "n": 100}
+
+
+def scheme_alphas(benchmark: Mapping[str, Any], scheme: str) -> Mapping[str, Any]:
+    """The α grid spec of `scheme`: the study's scheme reproduces the study, so its grid defaults to the study's."""
+    if scheme in LOO:
+        return benchmark.get("leaky_alphas", STUDY_ALPHAS)
+    return benchmark["alphas"]
 
 
 def group_splits(groups: np.ndarray, images: np.ndarray, drop_shared: bool = True) -> list[Split]:
@@ -88,9 +99,8 @@ def inner_splits(scheme: str, sessions: np.ndarray, images: np.ndarray, n_inner:
         return group_splits(_session_groups(np.asarray(sessions), n_inner), images)
     if scheme == "image_kfold":
         return group_splits(_image_groups(images, n_inner, seed), images)
-    if scheme in LEAKY:
-        labels = np.random.default_rng(seed).permutation(len(images)) % n_inner
-        return group_splits(labels, images, drop_shared=False)
+    if scheme in LOO:
+        raise ValueError(f"scheme {scheme!r} selects α by efficient leave-one-out, without inner splits")
     raise ValueError(f"unknown CV scheme {scheme!r}; choose from {sorted(SCHEMES)}")
 
 

@@ -1,16 +1,16 @@
 """Voxelwise encoding of one prepared subject from one representation (docs/methods.md §9.5–9.6).
 
 For every outer fold: ridge with intercept, one α per voxel from the grid chosen by the inner CV of the scheme
-(`cv.py`), fitted on the fold's training trials, R² per voxel on its held-out trials (SS_tot around the held-out
-mean), divided by the voxel's noise ceiling. The folds depend only on the subject's trials, never on the
-representation, so base and meta results are paired fold by fold.
+(`cv.py`; efficient leave-one-out for the study's `upstream_leaky`), fitted on the fold's training trials, R² per
+voxel on its held-out trials (SS_tot around the held-out mean), divided by the voxel's noise ceiling. The folds
+depend only on the subject's trials, never on the representation, so base and meta results are paired fold by fold.
 
 Output HDF5 (rows = the subject's selected voxels, `ids` = voxel ids):
     r2 (n_voxels, n_folds) float32, r2_norm = r2 / nc (float32), alpha_index (int16, into attr `alphas`),
     nc (float64, fraction), rois (uint8, columns = attr `roi_names`), xyz (int64; THINGS-fMRI only)
-attrs: dataset, subject, scheme, scheme_description, leaky, folds (outer fold labels), per_fold (n_train, n_test,
-n_dropped, shared_images), alphas, alpha_grid, n_inner, seed, standardize, backend, frac_low_edge,
-frac_high_edge, features (path), features_sha256, library_versions.
+attrs: dataset, subject, scheme, scheme_description, leaky, inner ("loo" or "grouped"), folds (outer fold labels),
+per_fold (n_train, n_test, n_dropped, shared_images), alphas, alpha_grid, n_inner (null for "loo"), seed, standardize,
+backend, frac_low_edge, frac_high_edge, features (path), features_sha256, library_versions.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from metalign.brain import cv
-from metalign.brain.ridge import GroupedRidgeCV, alpha_grid
+from metalign.brain.ridge import GroupedRidgeCV, LooRidgeCV, alpha_grid
 from metalign.brain.stats import alpha_edges, r2_columns
 from metalign.brain.subject import Subject
 from metalign.io import (
@@ -78,23 +78,27 @@ def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
 
 def encode(subject: Subject, features: np.ndarray, scheme: str, alphas: np.ndarray, n_inner: int, seed: int,
            n_folds: int | None = None, backend: str = "numpy", standardize: bool = False) -> Encoding:
-    """Outer-CV encoding of `subject` from `features` (one row per trial, already matched)."""
+    """Outer-CV encoding of `subject` from `features` (one row per trial, already matched); `n_inner` is unused by
+    the leave-one-out scheme."""
     if len(features) != len(subject.betas):
         raise DataContractError(f"{len(features)} feature rows for {len(subject.betas)} trials")
     images = np.asarray(subject.stimulus)
     labels, outer = cv.outer_folds(scheme, subject.session, images, n_folds, seed)
-    leaky = scheme in cv.LEAKY
+    leaky, loo = scheme in cv.LEAKY, scheme in cv.LOO
     cv.check_splits(outer, images, leaky, f"{subject.subject} outer folds ({scheme})")
     r2 = np.empty((subject.betas.shape[1], len(outer)), dtype=np.float64)
     alpha_index = np.empty_like(r2, dtype=np.int16)
     per_fold = []
     for k, (train, test) in enumerate(progress(outer, desc=f"{subject.subject} folds")):
-        inner = cv.inner_splits(scheme, subject.session[train], images[train], n_inner, seed + k)
-        cv.check_splits(inner, images[train], leaky, f"{subject.subject} fold {k} inner folds ({scheme})")
         x_train, x_test = features[train], features[test]
         if standardize:
             x_train, x_test = _standardise(x_train, x_test)
-        model = GroupedRidgeCV(alphas, inner, backend=backend)
+        if loo:
+            model: GroupedRidgeCV | LooRidgeCV = LooRidgeCV(alphas, backend=backend)
+        else:
+            inner = cv.inner_splits(scheme, subject.session[train], images[train], n_inner, seed + k)
+            cv.check_splits(inner, images[train], leaky, f"{subject.subject} fold {k} inner folds ({scheme})")
+            model = GroupedRidgeCV(alphas, inner, backend=backend)
         pred, best, _ = model.fit_predict(x_train, subject.betas[train], x_test)
         r2[:, k] = r2_columns(subject.betas[test], pred)
         alpha_index[:, k] = best
@@ -106,7 +110,8 @@ def encode(subject: Subject, features: np.ndarray, scheme: str, alphas: np.ndarr
     if predictive.any() and max(alpha_edges(alpha_index[predictive], len(alphas)).values()) > EDGE_WARNING:
         log.warning("%s: more than %.0f%% of the predictive voxels' folds select α on an edge of the grid; "
                     "consider widening it (docs/methods.md P-22)", subject.subject, 100 * EDGE_WARNING)
-    attrs = {"scheme": scheme, "scheme_description": cv.SCHEMES[scheme], "leaky": leaky, "n_inner": n_inner,
+    attrs = {"scheme": scheme, "scheme_description": cv.SCHEMES[scheme], "leaky": leaky,
+             "inner": "loo" if loo else "grouped", "n_inner": None if loo else n_inner,
              "seed": seed, "standardize": standardize, "per_fold": per_fold, **edges}
     return Encoding(r2=r2, r2_norm=r2 / subject.nc[:, None], alpha_index=alpha_index, alphas=np.asarray(alphas),
                     folds=np.unique(labels), attrs=attrs)

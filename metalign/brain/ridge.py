@@ -21,6 +21,9 @@ span (exact, and every eigenproblem shrinks to at most n × n). Centering follow
 centred by its own training means, and the refit on the whole training set uses the selected α per target, so α
 selection, weights and predictions match `himalaya.ridge.RidgeCV(alphas, fit_intercept=True, cv=splits)`
 (tests/test_brain.py). Array work runs on a himalaya backend: "numpy" on CPU, "torch_cuda" on a GPU.
+
+`LooRidgeCV` is the study's α selection instead: scikit-learn's efficient leave-one-out (`RidgeCV` with its default
+`cv=None`, `alpha_per_target=True`), used by the leaky `upstream_leaky` scheme only (docs/methods.md §9.5).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ SMALL_WORK = 5e7
 
 
 def alpha_grid(log10_min: float, log10_max: float, n: int) -> np.ndarray:
-    """`n` log-spaced ridge penalties from 10^log10_min to 10^log10_max (the study: −6, 3, 100; docs/methods.md §9.5)."""
+    """`n` log-spaced ridge penalties from 10^log10_min to 10^log10_max (the study's: `cv.STUDY_ALPHAS`)."""
     if n < 2 or log10_max <= log10_min:
         raise ValueError(f"alpha grid needs n ≥ 2 and log10_max > log10_min, got {log10_min}, {log10_max}, {n}")
     return np.logspace(log10_min, log10_max, n)
@@ -98,16 +101,6 @@ class GroupedRidgeCV:
     def _asarray(self, x: Any, dtype: str = "float64") -> Any:
         return self.backend.asarray(x, dtype=dtype)
 
-    def _eig(self, gram: Any) -> tuple[np.ndarray, Any]:
-        if self.backend.name == "numpy":  # the divide-and-conquer driver: ≈2× scipy's default on D ≈ 1000
-            lam, vecs = scipy.linalg.eigh(gram, driver="evd")
-        else:
-            lam, vecs = self.backend.eigh(gram)
-        lam = self.backend.to_numpy(lam).astype(np.float64)
-        floor = NOISE_FLOOR * gram.shape[0] * np.finfo(np.float64).eps * max(lam.max(initial=0.0), 0.0)
-        keep = np.flatnonzero(lam > floor)
-        return lam[keep], vecs[:, self._asarray(keep, "int64")]
-
     def _clusters(self, lam: np.ndarray) -> np.ndarray:
         """Cluster id per (ascending) eigenvalue: a new cluster starts when λ leaves the first one's tolerance."""
         ids = np.zeros(len(lam), dtype=np.int64)
@@ -131,7 +124,7 @@ class GroupedRidgeCV:
         sum_x_train = sum_x - x_out.sum(0)
         mean_train = sum_x_train / n_train
         s = gram - B.matmul(x_out.T, x_out) - n_train * mean_train[:, None] * mean_train[None, :]
-        lam, vecs = self._eig(s)
+        lam, vecs = _eigh(self.backend, s)
         a = B.matmul(x[val_b] - mean_train, vecs)
         g_full = B.to_numpy(B.matmul(a.T, a)).astype(np.float64)
         ids = self._clusters(lam)
@@ -206,7 +199,7 @@ class GroupedRidgeCV:
         gram = B.matmul(x.T, x)
         sum_x = x.sum(0)
         geometry = [self._split(x, gram, sum_x, train, val) for train, val in self.splits]
-        lam_full, vecs_full = self._eig(gram - sum_x[:, None] * sum_x[None, :] / len(X))
+        lam_full, vecs_full = _eigh(self.backend, gram - sum_x[:, None] * sum_x[None, :] / len(X))
         x_test = B.matmul(self._asarray(X_test - x_mean), vecs_full)
 
         n_targets = Y.shape[1]
@@ -226,6 +219,75 @@ class GroupedRidgeCV:
             p = B.matmul(vecs_full.T, cross_all - sum_x[:, None] * sum_y[None, :] / len(X))
             g = 1.0 / (self._asarray(lam_full)[:, None] + self._asarray(self.alphas[idx])[None, :])
             pred[:, cols] = B.to_numpy(B.matmul(x_test, g * p)) + y_mean
+        return pred, best, best_mse
+
+
+def _eigh(backend: Any, gram: Any) -> tuple[np.ndarray, Any]:
+    """Eigenpairs of a symmetric PSD matrix, numerical zeros (below the eigensolver's noise floor) dropped."""
+    if backend.name == "numpy":  # the divide-and-conquer driver: ≈2× scipy's default on D ≈ 1000
+        lam, vecs = scipy.linalg.eigh(gram, driver="evd")
+    else:
+        lam, vecs = backend.eigh(gram)
+    lam = backend.to_numpy(lam).astype(np.float64)
+    floor = NOISE_FLOOR * gram.shape[0] * np.finfo(np.float64).eps * max(lam.max(initial=0.0), 0.0)
+    keep = np.flatnonzero(lam > floor)
+    return lam[keep], vecs[:, backend.asarray(keep, dtype="int64")]
+
+
+class LooRidgeCV:
+    """scikit-learn's `RidgeCV(alphas, alpha_per_target=True)` (efficient leave-one-out, intercept unpenalised): the
+    study's α selection (bin/eval_brain.py), in target batches on a himalaya backend, float64 as scikit-learn.
+
+    With centred features x, xᵀx = V diag(λ) Vᵀ, A = x V and g = 1/(λ + α), the hat matrix including the intercept is
+    H = A diag(g) Aᵀ + 11ᵀ/n, and the leave-one-out residual of row i is exactly r_i / (1 − H_ii) with
+    r = ỹ − A diag(g) Aᵀ ỹ: no refits, one n × r × targets product per α (as in scikit-learn). When one trial of a
+    repeated image is left out, its repetitions stay in training: the leak of the study's scheme (P-20).
+    """
+
+    def __init__(self, alphas: Sequence[float], backend: str = "numpy", target_batch: int = TARGET_BATCH):
+        self.alphas = np.asarray(alphas, dtype=np.float64)
+        if self.alphas.ndim != 1 or len(self.alphas) == 0 or (self.alphas <= 0).any():
+            raise ValueError("alphas must be a non-empty 1-d array of positive values")
+        self.backend = set_backend(resolve_backend(backend))
+        self.target_batch = target_batch
+
+    def fit_predict(self, X: np.ndarray, Y: np.ndarray, X_test: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predictions for `X_test` (n_test, n_targets) float32, the selected α index and LOO MSE per target."""
+        X, Y, X_test = np.asarray(X), np.asarray(Y), np.asarray(X_test)
+        if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y) or len(X) < 3 or X_test.shape[1:] != X.shape[1:]:
+            raise ValueError(f"shapes do not match (or < 3 rows): X {X.shape}, Y {Y.shape}, X_test {X_test.shape}")
+        small = np.prod(X.shape, dtype=np.float64) * Y.shape[-1] < SMALL_WORK
+        with threadpool_limits(limits=1 if small else None, user_api="blas"):
+            return self._fit_predict(X, Y, X_test)
+
+    def _fit_predict(self, X: np.ndarray, Y: np.ndarray, X_test: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        B = self.backend
+        if X.shape[1] > X.shape[0]:
+            X, X_test = _row_space(X, X_test)
+        x_mean = X.mean(0, dtype=np.float64)
+        x = B.asarray(X - x_mean, dtype="float64")
+        lam, vecs = _eigh(B, B.matmul(x.T, x))
+        a = B.matmul(x, vecs)
+        g = B.asarray(1.0 / (lam[None, :] + self.alphas[:, None]), dtype="float64")  # (n_alphas, r)
+        keep = 1.0 - B.matmul(a ** 2, g.T) - 1.0 / len(X)  # (n, n_alphas): 1 − H_ii(α)
+        x_test = B.matmul(B.asarray(X_test - x_mean, dtype="float64"), vecs)
+        n_targets = Y.shape[1]
+        pred = np.empty((len(X_test), n_targets), dtype=np.float32)
+        best = np.empty(n_targets, dtype=np.int64)
+        best_mse = np.empty(n_targets, dtype=np.float64)
+        for start in range(0, n_targets, self.target_batch):
+            cols = slice(start, start + self.target_batch)
+            y_mean = Y[:, cols].mean(0, dtype=np.float64)
+            y = B.asarray(Y[:, cols] - y_mean, dtype="float64")
+            p = B.matmul(a.T, y)  # (r, targets)
+            mse = B.to_numpy(B.stack([(((y - B.matmul(a, g[k][:, None] * p)) / keep[:, k:k + 1]) ** 2).mean(0)
+                                      for k in range(len(self.alphas))]))
+            idx = mse.argmin(0)  # the first of equal scores, as scikit-learn keeps an α unless a later one is better
+            best[cols], best_mse[cols] = idx, mse[idx, np.arange(mse.shape[1])]
+            refit = p / (B.asarray(lam, dtype="float64")[:, None] + B.asarray(self.alphas[idx], dtype="float64"))
+            pred[:, cols] = B.to_numpy(B.matmul(x_test, refit)) + y_mean
         return pred, best, best_mse
 
 

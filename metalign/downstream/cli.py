@@ -42,13 +42,13 @@ def _split(args: argparse.Namespace, prefix: str) -> SplitRef:
     return ref
 
 
-def _add_common(parser: argparse.ArgumentParser, probe: bool = True) -> None:
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    """Options of the full-data probes (BREEDS, ImageNet-A, shape bias)."""
     parser.add_argument("--l2-normalise", action=argparse.BooleanOptionalAction, default=True,
                         help="scale every feature row to unit length first (default: on)")
-    if probe:
-        parser.add_argument("--l2-grid", type=float, nargs="+", required=True, help="probe ridge strengths")
-        parser.add_argument("--val-fraction", type=float, default=0.2, help="hold-out fraction for the ridge choice")
-        parser.add_argument("--probe-seed", type=int, default=0, help="seed of the hold-out split")
+    parser.add_argument("--l2-grid", type=float, nargs="+", required=True, help="probe ridge strengths")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="hold-out fraction for the ridge choice")
+    parser.add_argument("--probe-seed", type=int, default=0, help="seed of the hold-out split")
 
 
 def _probe(args: argparse.Namespace) -> ProbeConfig:
@@ -138,7 +138,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", type=int, nargs="+", required=True)
     p.add_argument("--seeds", type=int, nargs="+", required=True)
     p.add_argument("--l2-reg", type=float, required=True, help="ridge strength (big_vision: 2^10)")
-    _add_common(p, probe=False)
+    p.add_argument("--l2-normalise", action=argparse.BooleanOptionalAction, default=False,
+                   help="scale every feature row to unit length before the standardisation (default: off, as "
+                        "big_vision)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_downstream_fewshot)
 

@@ -7,6 +7,9 @@ n ≥ d) or dual (z zᵀ + λI, when n < d) form. Per seed it permutes each clas
 (`np.random.default_rng(seed)`); the k-shot set is the first k rows of every class, so shot counts are nested
 within a seed. Accuracy is the argmax over all classes.
 
+Like big_vision, the features enter raw (only standardised); `l2_normalise` (off by default) first scales every row to
+unit length, the project's earlier default, kept as an option for comparing representations of different scale.
+
 Differences that do not change the solution: big_vision eigendecomposes the Gram matrix (to sweep λ); with one λ
 per fit one Cholesky factorisation is several times cheaper, and the probes' λ grid costs one Cholesky per λ. The
 standardisation and the bias are folded into the weights, so test rows are scored raw (x W + b, float32).
@@ -148,8 +151,9 @@ def fewshot_lsr(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_
 
 
 def evaluate_fewshot(train: SplitRef, test: SplitRef, classes: Sequence[str] | str | None, shots: Sequence[int],
-                     seeds: Sequence[int], l2: float, l2_normalise: bool) -> dict[str, Any]:
-    """Few-shot accuracies of one representation on one dataset; only the sampled training rows are read."""
+                     seeds: Sequence[int], l2: float, l2_normalise: bool = False) -> dict[str, Any]:
+    """Few-shot accuracies of one representation on one dataset; only the sampled training rows are read.
+    `l2_normalise` scales rows to unit length before big_vision's standardisation (big_vision: off)."""
     train_rows = load_rows(train)
     names = resolve_classes(classes, train_rows["label"], train.name)
     y_pool = class_index(train_rows["label"], names, train.name)

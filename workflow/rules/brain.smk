@@ -2,6 +2,8 @@
 # ("base", once per backbone) and every meta-learned variant, on folds that depend only on the subject, then ROI
 # statistics (sign-flip per subject over folds, Fisher over subjects, BH-FDR over ROIs) and figures.
 
+from metalign.brain.cv import scheme_alphas
+
 BRAIN = {name: config["benchmarks"][name] for name in ("things_fmri", "bold5000") if name in config["benchmarks"]}
 
 
@@ -102,7 +104,7 @@ rule brain_encode:
         mem_mb=lambda wc: BRAIN[wc.bench].get("mem_mb", 8000),
     params:
         code=code_hash("brain-encode"),
-        alphas=lambda wc: as_json(BRAIN[wc.bench]["alphas"]),
+        alphas=lambda wc: as_json(scheme_alphas(BRAIN[wc.bench], wc.scheme)),
         n_inner=lambda wc: BRAIN[wc.bench]["n_inner"],
         n_folds=lambda wc: f"--n-folds {BRAIN[wc.bench]['n_folds']}" if "n_folds" in BRAIN[wc.bench] else "",
         seed=lambda wc: BRAIN[wc.bench]["seed"],

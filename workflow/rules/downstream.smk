@@ -24,7 +24,7 @@ if "fewshot" in DS:
             shots=" ".join(str(k) for k in FEWSHOT["shots"]),
             seeds=" ".join(str(s) for s in FEWSHOT["seeds"]),
             l2_reg=FEWSHOT["l2_reg"],
-            norm=DS_NORM,
+            norm="--l2-normalise" if FEWSHOT.get("l2_normalise", False) else "--no-l2-normalise",
         shell:
             "python3 -m metalign downstream-fewshot --task {wildcards.task} {params.splits} {params.classes} --shots {params.shots}"
             " --seeds {params.seeds} --l2-reg {params.l2_reg} {params.norm} --out {output} 2> {log}"
