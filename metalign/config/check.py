@@ -162,9 +162,10 @@ def check_variant_widths(config: Mapping[str, Any], name: str) -> None:
 
 
 def check_alphas(config: Mapping[str, Any]) -> None:
-    """A ridge grid runs from log10_min up to log10_max."""
+    """A ridge grid (the leak-free `alphas`, the study scheme's `leaky_alphas`) runs from log10_min to log10_max."""
     for name, bench in config["benchmarks"].items():
-        grid = bench.get("alphas")
-        if grid and grid["log10_min"] > grid["log10_max"]:
-            raise ConfigError(f"benchmarks.{name}.alphas: log10_min ({grid['log10_min']}) exceeds log10_max "
-                              f"({grid['log10_max']})")
+        for key in ("alphas", "leaky_alphas"):
+            grid = bench.get(key)
+            if grid and grid["log10_min"] > grid["log10_max"]:
+                raise ConfigError(f"benchmarks.{name}.{key}: log10_min ({grid['log10_min']}) exceeds log10_max "
+                                  f"({grid['log10_max']})")
