@@ -12,7 +12,7 @@ import sys
 STAGES = {
     "metalign.download.cli": ("download",),
     "metalign.images.cli": ("manifest",),
-    "metalign.embed.cli": ("extract",),
+    "metalign.embed.cli": ("extract", "embeddings-concat"),
     "metalign.functions.cli": ("sae-train", "sae-import", "sae-encode", "functions-neurons", "functions-subset",
                                "functions-summary"),
     "metalign.train.cli": ("train", "encode", "icl-eval", "figure-curves", "figure-icl"),

@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 from torch import nn
 
-from metalign.embed.backbones import cache_key, find_blocks, hubs_offline, load_backbone
+from metalign.embed.backbones import (
+    Preprocessing,
+    _preprocessing_from,
+    cache_key,
+    find_blocks,
+    hubs_offline,
+    load_backbone,
+    timm_preprocessing,
+)
 
 OPEN_CLIP_TINY = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 4, "width": 32, "patch_size": 8,
                                                   "head_width": 16},
@@ -131,6 +143,56 @@ def test_random_init_timm_by_config_only():
         tokens = backbone.module.forward_features(x)
     torch.testing.assert_close(out["features"], tokens[:, 1:].mean(dim=1))
     assert backbone.preprocessing.size == 32
+
+
+STUDY = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "config.yaml").read_text())
+STUDY_TIMM = {name: entry for name, entry in STUDY["backbones"].items() if entry["source"] == "timm"}
+
+
+def test_study_config_has_the_timm_backbones_checked_below():
+    assert {"dinov2", "vit_sup", "dinov3", "siglip2", "mae"} <= set(STUDY_TIMM)
+
+
+@pytest.mark.parametrize("name", sorted(STUDY_TIMM))
+def test_timm_preprocessing_equals_timms_own_eval_transform(name):
+    """Every timm backbone of the study: our transform is timm's resolved one (floor(size / crop_pct): 248 px, not
+    249, for 224 px at crop_pct 0.9), checked field by field and on images (docs/methods.md §1)."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    entry = {"name": name, **STUDY_TIMM[name]}
+    kwargs = entry.get("model_kwargs") or {}
+    with torch.device("meta"):  # the pretrained cfg of the id, no weights
+        model = timm.create_model(entry["id"], pretrained=False, **kwargs)
+    ours = _preprocessing_from(entry, timm_preprocessing(model))
+    # A recorded `img_size` (DINOv2 at 224 px) is the input size given to timm's resolver too.
+    data_config = resolve_data_config({"input_size": (3, kwargs["img_size"], kwargs["img_size"])} if "img_size" in kwargs
+                                      else {}, model=model)
+    theirs = create_transform(**data_config)
+    resize, crop, _, normalize = theirs.transforms
+    assert (ours.size, ours.crop_pct, ours.crop_mode) == (data_config["input_size"][-1], data_config["crop_pct"],
+                                                          data_config["crop_mode"])
+    assert ours.resize_size == resize.size and resize.size == int(data_config["input_size"][-1] / data_config["crop_pct"])
+    assert tuple(crop.size) == (ours.size, ours.size)
+    assert ours.build().transforms[0].interpolation == resize.interpolation
+    assert torch.equal(torch.tensor(ours.mean), normalize.mean) and torch.equal(torch.tensor(ours.std), normalize.std)
+    rng = np.random.default_rng(0)
+    for height, width in ((300, 217), (333, 517)):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        assert torch.equal(ours.build()(image), theirs(image))
+
+
+def test_resize_follows_timm_floor_and_torchvision_published_size():
+    assert Preprocessing(size=224, crop_pct=0.9).resize_size == 248  # round() gave 249
+    assert Preprocessing(size=256, crop_pct=0.9).resize_size == 284
+    # torchvision's published resize (e.g. 232 → 224) survives; a configured size or crop_pct replaces it
+    resolved = {"size": 224, "crop_pct": 224 / 232, "resize": 232}
+    assert _preprocessing_from({"name": "tv"}, resolved).resize_size == 232
+    assert _preprocessing_from({"name": "tv", "preprocessing": {"crop_pct": 0.875}}, resolved).resize_size == 256
+    squash = Preprocessing(size=8, crop_mode="squash").build()
+    assert squash(Image.new("RGB", (20, 10))).shape == (3, 8, 8)
+    with pytest.raises(ValueError, match="crop_mode 'border'"):
+        Preprocessing(size=8, crop_mode="border")
 
 
 def test_bad_entries_are_named(open_clip_tiny, tiny_vit):

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
+
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from metalign.embed.cli import register
 from metalign.embed.extract import extract
-from metalign.io import DataContractError, read_h5, write_csv
 from metalign.images.manifest import build_manifest, load_verified_manifest
+from metalign.io import DataContractError, manifest_hash, read_h5, read_manifest, write_csv, write_h5
 from tests.conftest import write_images
+
+
+def cli(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(required=True))
+    args = parser.parse_args(argv)
+    args.func(args)
 
 
 def _entry(model_dir) -> dict:
@@ -51,6 +62,7 @@ def test_extract_matches_direct_forward_and_records_provenance(tiny_vit, image_s
     # naive reference: the model applied to one image at a time
     from PIL import Image
     from transformers import ViTModel
+
     from metalign.embed.backbones import Preprocessing
 
     model = ViTModel.from_pretrained(tiny_vit).eval()
@@ -156,3 +168,48 @@ def test_spatial_output_without_fitting_pooling_fails_before_any_file(tmp_path, 
                                          r"spatial \(B, C, H, W\) output \(1, 256, 2, 2\)"):
         extract(_resnet_entry(weights, layer="layer3", pooling="mean_patches"), image_set, out)
     assert list(tmp_path.glob("emb.h5*")) == []
+
+
+def _part(tmp_path, name: str, ids: list[str], seed: int, attrs: dict | None = None):
+    """A part of a concat dataset: its manifest and a feature file as extraction writes them (features + a block)."""
+    frame = pd.DataFrame({"image_id": ids, "path": [f"/{name}/{i}" for i in ids], "label": "", "split": name})
+    write_csv(tmp_path / f"{name}.csv", frame)
+    rng = np.random.default_rng(seed)
+    arrays = {"features": rng.standard_normal((len(ids), 4)).astype(np.float32),
+              "layer_6": rng.standard_normal((len(ids), 3)).astype(np.float32)}
+    provenance = {"backbone": "clip", "layer": "11", "preprocessing": {"size": 224}, "manifest": f"{name}.csv",
+                  "manifest_sha256": manifest_hash(frame), "cache_key": f"key-{name}", **(attrs or {})}
+    write_h5(tmp_path / f"{name}.h5", arrays, ids, provenance)
+    return tmp_path / f"{name}.h5", tmp_path / f"{name}.csv", arrays
+
+
+def test_concat_dataset_rows_are_the_parts_in_order(tmp_path):
+    """coco_eval = val2017 rows, then test2017 rows, by id, every output concatenated (docs/methods.md §3)."""
+    val, val_manifest, val_arrays = _part(tmp_path, "val", ["000000000139.jpg", "000000000285.jpg"], 0)
+    test, test_manifest, test_arrays = _part(tmp_path, "test", ["000000000001.jpg", "000000000016.jpg", "9.jpg"], 1)
+    out = tmp_path / "eval.h5"
+    cli(["embeddings-concat", "--parts", str(val), str(test), "--manifests", str(val_manifest), str(test_manifest),
+         "--out", str(out), "--expected-count", "5"])
+    arrays, ids, attrs = read_h5(out)
+    assert ids == ["000000000139.jpg", "000000000285.jpg", "000000000001.jpg", "000000000016.jpg", "9.jpg"]
+    for name in ("features", "layer_6"):
+        np.testing.assert_array_equal(arrays[name], np.concatenate([val_arrays[name], test_arrays[name]]))
+    assert (attrs["layer"], attrs["backbone"]) == ("11", "clip")  # the backbone's provenance carries over
+    assert [part["n_rows"] for part in attrs["concat"]] == [2, 3]
+    combined = pd.concat([read_manifest(val_manifest), read_manifest(test_manifest)], ignore_index=True)
+    assert attrs["manifest_sha256"] == manifest_hash(combined)
+
+    with pytest.raises(DataContractError, match="hold 5 images, the config expects 6"):
+        cli(["embeddings-concat", "--parts", str(val), str(test), "--manifests", str(val_manifest),
+             str(test_manifest), "--out", str(out), "--expected-count", "6"])
+    with pytest.raises(DataContractError, match="not the rows of"):  # parts and manifests swapped
+        cli(["embeddings-concat", "--parts", str(test), str(val), "--manifests", str(val_manifest),
+             str(test_manifest), "--out", str(out)])
+    again, again_manifest, _ = _part(tmp_path, "again", ["000000000285.jpg"], 2)
+    with pytest.raises(DataContractError, match="'000000000285.jpg' occurs in more than one"):
+        cli(["embeddings-concat", "--parts", str(val), str(again), "--manifests", str(val_manifest),
+             str(again_manifest), "--out", str(out)])
+    other, other_manifest, _ = _part(tmp_path, "other", ["x.jpg"], 3, {"preprocessing": {"size": 256}})
+    with pytest.raises(DataContractError, match=r"not extracted like.*\['preprocessing'\]"):
+        cli(["embeddings-concat", "--parts", str(val), str(other), "--manifests", str(val_manifest),
+             str(other_manifest), "--out", str(out)])

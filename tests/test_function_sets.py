@@ -5,18 +5,26 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import json
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from metalign.config.datasets import check_dataset, concat_parts, dataset_splits
+from metalign.config.functions import members, resolve_function_sets
+from metalign.config.schema import ConfigError
 from metalign.functions.cli import register
 from metalign.functions.codes import neuron_targets, read_codes, write_codes, write_neurons
 from metalign.functions.prisma import load_pretrained_sae
 from metalign.functions.sae import load_sae
-from metalign.config.functions import members, resolve_function_sets
 from metalign.functions.subsets import mean_pairwise, random_subset, similarity_matrix, similarity_subset
 from metalign.io import DataContractError, write_h5
 from metalign.train.sampler import EpisodeSampler
@@ -34,14 +42,25 @@ def cli(argv: list[str]) -> None:
 
 @dataclasses.dataclass
 class LegacyConfig:
-    """Stands in for ViT-Prisma's pickled runner config (a class the loader must not need)."""
+    """Stands in for ViT-Prisma's pickled VisionModelSAERunnerConfig (a class the loader must not need): the fields a
+    recent version pickles that bear on encoding, and a few training-only ones."""
 
-    d_in: int = 12
-    hook_point: str = "blocks.11.hook_resid_post"
+    model_name: str = "open-clip:laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K"
     hook_point_layer: int = 11
+    layer_subtype: str = "hook_resid_post"
+    hook_point_head_index: int | None = None
+    cls_token_only: bool = True
+    architecture: str = "standard"
+    d_in: int = 12
+    expansion_factor: int = 4
+    activation_fn_str: str = "topk"
     activation_fn_kwargs: dict = dataclasses.field(default_factory=lambda: {"k": 5})
-    device: torch.device = torch.device("cpu")
-    dtype: torch.dtype = torch.float32
+    normalize_activations: str = "none"
+    is_transcoder: bool = False
+    _device: str = "cpu"
+    _dtype: str = "float32"
+    lr: float = 0.0004
+    b_dec_init_method: str = "geometric_median"
 
 
 class Payload:
@@ -54,7 +73,7 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-def legacy_file(path, d_in: int = 12, d_sae: int = 40, prefix: str = "sae.", config=None, seed: int = 0):
+def legacy_file(path, d_in: int = 12, d_sae: int = 48, prefix: str = "sae.", config=None, seed: int = 0):
     rng = np.random.default_rng(seed)
     weights = {"W_enc": rng.standard_normal((d_in, d_sae)), "b_enc": rng.standard_normal(d_sae) - 2,
                "W_dec": rng.standard_normal((d_sae, d_in)), "b_dec": rng.standard_normal(d_in)}
@@ -64,62 +83,129 @@ def legacy_file(path, d_in: int = 12, d_sae: int = 40, prefix: str = "sae.", con
     return {name: w.astype(np.float32) for name, w in weights.items()}
 
 
-def naive_codes(X, w, k):
-    h = (X.astype(np.float64) - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
-    top = np.sort(np.argsort(-h, axis=1)[:, :k], axis=1)
-    return top, np.maximum(np.take_along_axis(h, top, axis=1), 0)
+def prisma_reference(X, w, cfg: LegacyConfig):
+    """ViT-Prisma's SparseAutoencoder.encode/decode written out in float64 (independent of our encoder): input
+    normalisation, b_dec subtraction, pre-activations, top-k then ReLU scattered into a dense code, reconstruction."""
+    x = X.astype(np.float64)
+    scale, shift = np.ones((len(x), 1)), np.zeros((len(x), 1))
+    if cfg.normalize_activations == "constant_norm_rescale":
+        coeff = np.sqrt(cfg.d_in) / np.linalg.norm(x, axis=1, keepdims=True)
+        x, scale = x * coeff, 1 / coeff
+    elif cfg.normalize_activations == "layer_norm":
+        shift = x.mean(axis=1, keepdims=True)
+        scale = (x - shift).std(axis=1, ddof=1, keepdims=True)
+        x = (x - shift) / (scale + 1e-5)
+    if getattr(cfg, "apply_b_dec_to_input", True):
+        x = x - w["b_dec"]
+    h = x @ w["W_enc"] + w["b_enc"]
+    top = np.argsort(-h, axis=1)[:, :cfg.activation_fn_kwargs["k"]]
+    dense = np.zeros_like(h)
+    np.put_along_axis(dense, top, np.maximum(np.take_along_axis(h, top, axis=1), 0), axis=1)
+    return dense, (dense @ w["W_dec"] + w["b_dec"]) * scale + shift
 
 
-def test_prisma_legacy_file_encodes_like_the_dense_reference(tmp_path):
-    weights = legacy_file(tmp_path / "weights.pt")
-    X = np.random.default_rng(1).standard_normal((300, 12)).astype(np.float32)
+def dense_codes(indices, values, d_sae):
+    dense = np.zeros((len(indices), d_sae))
+    np.put_along_axis(dense, indices.astype(np.int64), values, axis=1)
+    return dense
+
+
+@dataclasses.dataclass
+class SAELensStyleConfig(LegacyConfig):
+    apply_b_dec_to_input: bool = False
+
+
+@pytest.mark.parametrize("cfg", [LegacyConfig(), LegacyConfig(normalize_activations="layer_norm"),
+                                 LegacyConfig(normalize_activations="constant_norm_rescale"),
+                                 SAELensStyleConfig(normalize_activations="layer_norm")],
+                         ids=["none", "layer_norm", "constant_norm_rescale", "layer_norm-no-b_dec"])
+def test_prisma_legacy_file_encodes_like_prismas_forward(tmp_path, cfg):
+    """Every config field that changes encoding is applied: our codes equal ViT-Prisma's formula (docs/methods.md §2)."""
+    weights = legacy_file(tmp_path / "weights.pt", config=cfg)
+    X = (np.random.default_rng(1).standard_normal((300, 12)) * 3 + 1).astype(np.float32)
     ids = [f"coco/{i}.jpg" for i in range(300)]
-    write_h5(tmp_path / "cls11.h5", {"features": X}, ids, {"layer": 11, "pooling": "cls"})
-    cli(["sae-import", "--weights", str(tmp_path / "weights.pt"), "--out", str(tmp_path / "sae.pt"),
+    write_h5(tmp_path / "cls11.h5", {"features": X}, ids, {"layer": "11", "pooling": "cls"})
+    cli(["sae-import", "--weights", str(tmp_path / "weights.pt"), "--out", str(tmp_path / "sae.pt"), "--k", "5",
          "--repo", "Prisma-Multimodal/sae-top_k-64-cls_only-layer_11-hook_resid_post", "--revision", "abc123"])
     sae, meta = load_sae(tmp_path / "sae.pt")
-    assert sae.config == {"d_in": 12, "d_sae": 40, "k": 5}  # d_sae from W_enc's shape, k from the embedded config
-    assert meta["pretrained"]["config"]["hook_point"] == "blocks.11.hook_resid_post"
+    assert sae.config == {"d_in": 12, "d_sae": 48, "k": 5, "input_norm": cfg.normalize_activations,
+                          "subtract_b_dec": getattr(cfg, "apply_b_dec_to_input", True)}
+    assert (meta["pretrained"]["hook"], meta["pretrained"]["layer"]) == ("blocks.11.hook_resid_post", 11)
     cli(["sae-encode", "--sae", str(tmp_path / "sae.pt"), "--features", str(tmp_path / "cls11.h5"),
          "--out", str(tmp_path / "codes.h5"), "--min-nonzero", "10", "--sl", "8"])
     codes = read_codes(tmp_path / "codes.h5")
-    indices, values = naive_codes(X, weights, 5)
-    np.testing.assert_array_equal(codes.indices, indices)
-    np.testing.assert_allclose(codes.values, values, rtol=1e-5, atol=1e-5)
+    reference, reconstruction = prisma_reference(X, weights, cfg)
+    np.testing.assert_allclose(dense_codes(codes.indices, codes.values, 48), reference, rtol=1e-4, atol=1e-4)
+    assert (np.diff(codes.indices, axis=1) > 0).all()
+    with torch.no_grad():
+        np.testing.assert_allclose(sae(torch.from_numpy(X)).numpy(), reconstruction, rtol=1e-4, atol=1e-3)
     attrs = codes.attrs
-    assert (attrs["d_sae"], attrs["k"], attrs["layer"], attrs["hook"]) == (40, 5, 11, "blocks.11.hook_resid_post")
+    assert (attrs["d_sae"], attrs["k"], attrs["layer"], attrs["hook"]) == (48, 5, 11, "blocks.11.hook_resid_post")
     assert attrs["sae_repo"].startswith("Prisma-Multimodal/") and attrs["sae_revision"] == "abc123"
+    write_h5(tmp_path / "cls6.h5", {"features": X}, ids, {"layer": "6", "pooling": "cls"})
+    with pytest.raises(DataContractError, match="reads block 11.*block 6"):
+        cli(["sae-encode", "--sae", str(tmp_path / "sae.pt"), "--features", str(tmp_path / "cls6.h5"),
+             "--out", str(tmp_path / "codes6.h5")])
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"surprise_scale": 2.0}, "surprise_scale"),                          # unknown field
+    ({"normalize_activations": "expected_average_only_in"}, "normalize_activations"),
+    ({"activation_fn_str": "relu"}, "activation_fn_str"),
+    ({"activation_fn_kwargs": {"k": 5, "postact_fn": "gelu"}}, "activation_fn_kwargs.postact_fn"),
+    ({"architecture": "gated"}, "architecture"),
+    ({"is_transcoder": True}, "is_transcoder"),
+    ({"layer_subtype": "hook_mlp_out"}, "layer_subtype"),
+    ({"hook_point_head_index": 3}, "hook_point_head_index"),
+    ({"expansion_factor": 8}, "expansion_factor"),
+    ({"_dtype": "float16"}, "_dtype"),
+    ({"apply_b_dec_to_input": "yes"}, "apply_b_dec_to_input"),
+])
+def test_prisma_config_field_unknown_or_unsupported_is_named(tmp_path, change, field):
+    config = {**dataclasses.asdict(LegacyConfig()), **change}
+    legacy_file(tmp_path / "weights.pt", config=config)
+    with pytest.raises(DataContractError, match=rf"weights\.pt.*{field}"):
+        load_pretrained_sae(tmp_path / "weights.pt")
 
 
 def test_prisma_loader_errors_and_no_code_execution(tmp_path):
     marker = tmp_path / "executed"
-    legacy_file(tmp_path / "evil.pt", config={"k": 5, "payload": Payload(str(marker))})
-    sae, meta = load_pretrained_sae(tmp_path / "evil.pt")
-    assert not marker.exists() and sae.k == 5 and sae.d_sae == 40
+    legacy_file(tmp_path / "evil.pt", config={**dataclasses.asdict(LegacyConfig()), "payload": Payload(str(marker))})
+    with pytest.raises(DataContractError, match="unknown SAE config field.*payload"):
+        load_pretrained_sae(tmp_path / "evil.pt")
+    assert not marker.exists()
 
-    legacy_file(tmp_path / "no_k.pt", config={"hook_point": "blocks.6.hook_resid_post"}, prefix="")
-    with pytest.raises(DataContractError, match=r"no_k\.pt.*names no k"):
-        load_pretrained_sae(tmp_path / "no_k.pt")
-    assert load_pretrained_sae(tmp_path / "no_k.pt", k=3)[0].k == 3
+    without = {key: value for key, value in dataclasses.asdict(LegacyConfig()).items() if key != "normalize_activations"}
+    legacy_file(tmp_path / "no_norm.pt", config=without, prefix="")
+    with pytest.raises(DataContractError, match=r"no_norm\.pt.*lacks 'normalize_activations'"):
+        load_pretrained_sae(tmp_path / "no_norm.pt")
+    legacy_file(tmp_path / "good.pt")
+    assert load_pretrained_sae(tmp_path / "good.pt", k=5)[0].k == 5
     with pytest.raises(DataContractError, match="says k=5.*k=7"):
-        load_pretrained_sae(tmp_path / "evil.pt", k=7)
+        load_pretrained_sae(tmp_path / "good.pt", k=7)
 
     hub = tmp_path / "hub"  # a bare state dict with the config beside it, as a hub repo keeps it
     hub.mkdir()
-    torch.save({f"sae.{n}": torch.zeros(s) for n, s in (("W_enc", (4, 9)), ("b_enc", (9,)), ("W_dec", (9, 4)),
+    torch.save({f"sae.{n}": torch.zeros(s) for n, s in (("W_enc", (4, 8)), ("b_enc", (8,)), ("W_dec", (8, 4)),
                                                           ("b_dec", (4,)))}, hub / "weights.pt")
-    (hub / "config.json").write_text('{"activation_fn_kwargs": {"k": 3}, "hook_point_layer": 6}')
+    (hub / "config.json").write_text(json.dumps({**dataclasses.asdict(LegacyConfig(d_in=4, expansion_factor=2)),
+                                                 "activation_fn_kwargs": {"k": 3}, "hook_point_layer": 6,
+                                                 "normalize_activations": "layer_norm"}))
     sae, meta = load_pretrained_sae(hub / "weights.pt")
-    assert (sae.k, sae.d_sae, meta["pretrained"]["layer"]) == (3, 9, 6)
+    assert (sae.k, sae.d_sae, sae.input_norm, meta["pretrained"]["layer"]) == (3, 8, "layer_norm", 6)
+    torch.save(torch.load(hub / "weights.pt"), tmp_path / "bare.pt")
+    with pytest.raises(DataContractError, match="no SAE config"):
+        load_pretrained_sae(tmp_path / "bare.pt")
 
-    state = {"a.W_enc": torch.zeros(4, 9), "b.W_enc": torch.zeros(4, 9), "b_enc": torch.zeros(9),
-             "W_dec": torch.zeros(9, 4), "b_dec": torch.zeros(4)}
-    torch.save({"cfg": {"k": 2}, "state_dict": state}, tmp_path / "twice.pt")
+    cfg = dataclasses.asdict(LegacyConfig(d_in=4, expansion_factor=2))
+    state = {"a.W_enc": torch.zeros(4, 8), "b.W_enc": torch.zeros(4, 8), "b_enc": torch.zeros(8),
+             "W_dec": torch.zeros(8, 4), "b_dec": torch.zeros(4)}
+    torch.save({"cfg": cfg, "state_dict": state}, tmp_path / "twice.pt")
     with pytest.raises(DataContractError, match="exactly one tensor named 'W_enc'"):
         load_pretrained_sae(tmp_path / "twice.pt")
-    state = {"W_enc": torch.zeros(4, 9), "b_enc": torch.zeros(9), "W_dec": torch.zeros(4, 9), "b_dec": torch.zeros(4)}
-    torch.save({"cfg": {"k": 2}, "state_dict": state}, tmp_path / "shape.pt")
-    with pytest.raises(DataContractError, match=r"W_dec has shape \(4, 9\).*\(9, 4\)"):
+    state = {"W_enc": torch.zeros(4, 8), "b_enc": torch.zeros(8), "W_dec": torch.zeros(4, 8), "b_dec": torch.zeros(4)}
+    torch.save({"cfg": cfg, "state_dict": state}, tmp_path / "shape.pt")
+    with pytest.raises(DataContractError, match=r"W_dec has shape \(4, 8\).*\(8, 4\)"):
         load_pretrained_sae(tmp_path / "shape.pt")
     with pytest.raises(FileNotFoundError):
         load_pretrained_sae(tmp_path / "absent.pt")
@@ -334,3 +420,49 @@ def test_resolve_function_sets():
     for name, (sets, message) in bad.items():
         with pytest.raises(ValueError, match=message):
             resolve_function_sets(sets)
+
+
+def test_study_evaluation_split_is_coco_val_then_test(tmp_path):
+    """The full config's evaluation functions come from val2017 + test2017 (45,670 images, upstream's coco_eval): every
+    function set evaluates on the concat dataset, and the planned jobs read both parts, val first (docs/methods.md §3)."""
+    root = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((root / "config" / "config.yaml").read_text())
+    datasets = config["datasets"]
+    assert concat_parts(datasets) == {"coco_eval": ["coco_val", "coco_test"]}
+    assert datasets["coco_eval"]["expected_count"] == datasets["coco_val"]["expected_count"] + \
+        datasets["coco_test"]["expected_count"] == 45670
+    resolved = resolve_function_sets(config["function_sets"])
+    assert {fset.eval_split for fset in resolved.values()} == {"coco_eval"}
+    assert all(fset.entry.get("min_nonzero", 120) == 120 for fset in resolved.values())
+
+    plan = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--nolock", "--configfile", "config/config.yaml",
+                           "--", "results/checkpoints/dinov3/main.pt", "results/icl/dinov3/main.h5",
+                           "results/functions/raw/coco_eval.h5"], cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    jobs = {}
+    for block in plan.stdout.split("\n\n"):
+        output = re.search(r"^\s*output: (.*)$", block, re.M)
+        inputs = re.search(r"^\s*input: (.*)$", block, re.M)
+        if output and inputs:
+            jobs[output.group(1).split(", ")[0]] = inputs.group(1).split(", ")
+    for backbone in ("dinov3", "clip"):
+        assert jobs[f"results/embeddings/coco_eval/{backbone}.h5"] == [
+            f"results/embeddings/coco_val/{backbone}.h5", f"results/embeddings/coco_test/{backbone}.h5",
+            "results/manifests/coco_val.csv", "results/manifests/coco_test.csv"]
+    for target in ("results/checkpoints/dinov3/main.pt", "results/icl/dinov3/main.h5"):
+        assert {"results/embeddings/coco_eval/dinov3.h5", "results/functions/main/coco_eval.h5"} <= set(jobs[target])
+    assert jobs["results/functions/main/coco_eval.h5"][-1] == "results/embeddings/coco_eval/clip.h5"
+    assert jobs["results/functions/raw/coco_eval.h5"] == ["results/embeddings/coco_eval/clip.h5"]
+
+
+def test_concat_datasets_are_checked():
+    image = {"layout": "flat", "root": "r", "split": "val"}
+    assert concat_parts({"a": image, "b": image, "ab": {"concat": ["a", "b"]}}) == {"ab": ["a", "b"]}
+    with pytest.raises(ConfigError, match=r"datasets\.ab\.concat: unknown dataset 'c'"):
+        concat_parts({"a": image, "ab": {"concat": ["a", "c"]}})
+    with pytest.raises(ConfigError, match=r"datasets\.abc\.concat: 'ab' is itself a concat dataset"):
+        concat_parts({"a": image, "b": image, "ab": {"concat": ["a", "b"]}, "abc": {"concat": ["ab", "a"]}})
+    check_dataset("ab", {"concat": ["a", "b"]})  # a concat entry has no layout to check
+    with pytest.raises(ConfigError, match="no manifest of its own"):
+        dataset_splits({"concat": ["a", "b"]})

@@ -128,13 +128,14 @@ def test_trainer_rejects_bad_input():
 
 def test_save_load_round_trip_weights_only(tmp_path):
     w = random_weights()
-    sae = TopKSAE(16, 48, 6)
+    sae = TopKSAE(16, 48, 6, input_norm="layer_norm", subtract_b_dec=False)
     sae.load_state_dict({name: torch.from_numpy(array) for name, array in w.items()})
     path = tmp_path / "sae.pt"
     save_sae(path, sae, {"n": np.int64(3), "ev": np.float32(0.5), "source": {"path": tmp_path / "f.h5"}})
     payload = torch.load(path, weights_only=True)
-    assert payload["config"] == {"d_in": 16, "d_sae": 48, "k": 6}
+    assert payload["config"] == {"d_in": 16, "d_sae": 48, "k": 6, "input_norm": "layer_norm", "subtract_b_dec": False}
     loaded, meta = load_sae(path)
+    assert (loaded.input_norm, loaded.subtract_b_dec) == ("layer_norm", False)
     assert meta == {"n": 3, "ev": 0.5, "source": {"path": str(tmp_path / "f.h5")}}
     for name, array in w.items():
         np.testing.assert_array_equal(getattr(loaded, name).detach().numpy(), array)
@@ -284,7 +285,7 @@ def test_cli_train_encode_select(tmp_path):
     reference = encode_topk(X, sae.W_enc, sae.b_enc, sae.b_dec, 3)
     np.testing.assert_array_equal(codes.indices, reference[0])
     assert codes.attrs["d_sae"] == 32 and codes.attrs["source"]["attrs"]["model_id"] == "planted"
-    assert codes.attrs["sae"]["config"] == {"d_in": 16, "d_sae": 32, "k": 3}
+    assert codes.attrs["sae"]["config"] == {"d_in": 16, "d_sae": 32, "k": 3, "input_norm": "none", "subtract_b_dec": True}
 
 
 def test_cli_errors_name_the_file(tmp_path):

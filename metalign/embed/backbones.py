@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import importlib.resources
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +39,14 @@ from metalign.io import file_sha256, library_versions
 
 # Bump when the extraction logic changes in a way that changes numbers or outputs: part of every feature file's
 # cache key and attributes. 2: outputs by block hooks, `extra_layers`, library versions in the key. 3: spatial outputs
-# pooled, module-name layers, torchvision, weights in the key by content only (no file locations).
-EXTRACTION_CODE_VERSION = 3
+# pooled, module-name layers, torchvision, weights in the key by content only (no file locations). 4: resize to
+# floor(size / crop_pct) as timm's own transform (was round: 249 px instead of 248 for 224 px at crop_pct 0.9),
+# timm's crop_mode, torchvision's published resize size.
+EXTRACTION_CODE_VERSION = 4
 
 _INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
                   "nearest": T.InterpolationMode.NEAREST}
+CROP_MODES = ("center", "squash")  # timm's eval crop modes ("border", padding instead of cropping, is not supported)
 SPATIAL_POOLINGS = ("avg", "max", "flatten")  # over all positions: H × W of a (B, C, H, W) map, or all N tokens
 POSITION_POOLINGS = ("cls", "mean_patches", *SPATIAL_POOLINGS)  # what a block or module output may take
 
@@ -56,26 +60,44 @@ _RECEIPT_FOLDER = "downloads"
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """The resolved transform; it is written into every feature file because it changes the numbers."""
+    """The resolved transform; it is written into every feature file because it changes the numbers.
+
+    The evaluation transform of timm (`transforms_imagenet_eval`): resize to `resize_size` = floor(size / crop_pct)
+    (timm floors; rounding gives 249 px instead of 248 for 224 px at crop_pct 0.9), the shorter side (`crop_mode`
+    center) or both sides (squash), then centre crop size × size. torchvision publishes its resize size, which
+    `resize` carries so that no crop_pct round trip can move it by a pixel.
+    """
 
     size: int
     crop_pct: float = 1.0
     interpolation: str = "bicubic"
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    crop_mode: str = "center"
+    resize: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"preprocessing crop_mode {self.crop_mode!r} is not supported; known: {CROP_MODES}")
+
+    @property
+    def resize_size(self) -> int:
+        return self.resize if self.resize is not None else math.floor(self.size / self.crop_pct)
 
     def build(self) -> Callable:
-        resize = int(round(self.size / self.crop_pct))
+        side = self.resize_size
         return T.Compose([
-            T.Resize(resize, interpolation=_INTERPOLATION[self.interpolation]),
+            T.Resize(side if self.crop_mode == "center" else (side, side),
+                     interpolation=_INTERPOLATION[self.interpolation]),
             T.CenterCrop(self.size),
             T.ToTensor(),
             T.Normalize(self.mean, self.std),
         ])
 
     def as_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "crop_pct": self.crop_pct, "interpolation": self.interpolation,
-                "mean": list(self.mean), "std": list(self.std)}
+        return {"size": self.size, "crop_pct": self.crop_pct, "resize_size": self.resize_size,
+                "crop_mode": self.crop_mode, "interpolation": self.interpolation, "mean": list(self.mean),
+                "std": list(self.std)}
 
 
 @dataclass
@@ -250,13 +272,18 @@ def _make_forward(spec: _Spec, targets: Mapping[int | str, nn.Module], final: Ca
 
 
 def _preprocessing_from(entry: Mapping[str, Any], resolved: Mapping[str, Any]) -> Preprocessing:
-    """Config values win over the model's own pretrained configuration (recorded either way)."""
-    merged = {**resolved, **(entry.get("preprocessing") or {})}
+    """Config values win over the model's own pretrained configuration (recorded either way); a configured size or
+    crop_pct replaces a published resize size by timm's rule."""
+    override = entry.get("preprocessing") or {}
+    merged = {**resolved, **override}
     if "size" not in merged:
         raise ValueError(f"backbone {entry.get('name')!r}: preprocessing.size is not in the config and the model has none")
+    if {"size", "crop_pct"} & set(override):
+        merged.pop("resize", None)
     return Preprocessing(size=int(merged["size"]), crop_pct=float(merged.get("crop_pct", 1.0)),
                          interpolation=merged.get("interpolation", "bicubic"),
-                         mean=tuple(merged.get("mean", Preprocessing.mean)), std=tuple(merged.get("std", Preprocessing.std)))
+                         mean=tuple(merged.get("mean", Preprocessing.mean)), std=tuple(merged.get("std", Preprocessing.std)),
+                         crop_mode=merged.get("crop_mode", "center"), resize=merged.get("resize"))
 
 
 def _checkpoint_file(spec: Mapping[str, Any]) -> Path:
@@ -410,14 +437,7 @@ def _load_timm(entry: Mapping[str, Any]) -> Backbone:
             _load_state_dict(model, path, checkpoint)
             provenance |= _weights(path)
     model.reset_classifier(0)
-    data_config = timm.data.resolve_model_data_config(model)
-    # timm's data config describes the *pretrained* input size; with `model_kwargs: {img_size: …}` the instantiated
-    # model takes another (DINOv2 at 224 px, not its 518), and feeding it the other size fails or misleads.
-    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    size = built[-1] if built and not getattr(model, "dynamic_img_size", False) else data_config["input_size"][-1]
-    resolved = {"size": size, "crop_pct": data_config.get("crop_pct", 1.0),
-                "interpolation": data_config.get("interpolation", "bicubic"),
-                "mean": data_config["mean"], "std": data_config["std"]}
+    resolved = timm_preprocessing(model)
     spec = _Spec.from_entry(entry, "pooled", ("pooled", *POSITION_POOLINGS))
     prefix = getattr(model, "num_prefix_tokens", 1)
 
@@ -427,6 +447,22 @@ def _load_timm(entry: Mapping[str, Any]) -> Backbone:
 
     forward = _make_forward(spec, _hooked_modules(spec, model, "timm", entry), final, model, prefix)
     return Backbone(entry["name"], model, _preprocessing_from(entry, resolved), forward, spec.outputs, provenance)
+
+
+def timm_preprocessing(model: nn.Module) -> dict[str, Any]:
+    """timm's resolved data config of the instantiated model, as `Preprocessing` fields.
+
+    timm's data config describes the *pretrained* input size; with `model_kwargs: {img_size: …}` the instantiated
+    model takes another (DINOv2 at 224 px, not its 518), and feeding it the other size fails or misleads.
+    """
+    import timm
+
+    data_config = timm.data.resolve_model_data_config(model)
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    size = built[-1] if built and not getattr(model, "dynamic_img_size", False) else data_config["input_size"][-1]
+    return {"size": size, "crop_pct": data_config.get("crop_pct") or timm.data.DEFAULT_CROP_PCT,
+            "interpolation": data_config.get("interpolation", "bicubic"), "mean": data_config["mean"],
+            "std": data_config["std"], "crop_mode": data_config.get("crop_mode") or "center"}
 
 
 def _load_open_clip(entry: Mapping[str, Any]) -> Backbone:
@@ -460,7 +496,7 @@ def _torchvision_preprocessing(model_id: str) -> dict[str, Any]:
     try:
         transform = torchvision.models.get_model_weights(model_id).DEFAULT.transforms()
         crop, resize = transform.crop_size[0], transform.resize_size[0]
-        return {"size": crop, "crop_pct": crop / resize, "interpolation": transform.interpolation.value,
+        return {"size": crop, "crop_pct": crop / resize, "resize": resize, "interpolation": transform.interpolation.value,
                 "mean": transform.mean, "std": transform.std}
     except (ValueError, AttributeError, IndexError):  # no published weights, or not an image classifier's transform
         return {}

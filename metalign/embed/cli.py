@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
+from metalign.embed.concat import concat_embeddings
 from metalign.embed.extract import extract
 
 
@@ -16,6 +18,10 @@ def cmd_extract(args: argparse.Namespace) -> None:
     entry = json.loads(args.backbone)
     extract(entry, args.manifest, args.out, batch_size=args.batch_size, num_workers=args.workers,
             device=args.device, amp=args.amp)
+
+
+def cmd_embeddings_concat(args: argparse.Namespace) -> None:
+    concat_embeddings(args.parts, args.manifests, args.out, args.expected_count)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,3 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (validate first: docs/methods.md §1.3)")
     parser.set_defaults(func=cmd_extract)
+
+    concat = subparsers.add_parser("embeddings-concat",
+                                   help="feature file of an image set made of others: their rows, parts in order")
+    concat.add_argument("--parts", type=Path, nargs="+", required=True, help="the parts' feature files, in order")
+    concat.add_argument("--manifests", type=Path, nargs="+", required=True, help="the parts' manifests, same order")
+    concat.add_argument("--out", type=Path, required=True, help="the combined feature file (HDF5)")
+    concat.add_argument("--expected-count", type=int, help="images the combined set must hold")
+    concat.set_defaults(func=cmd_embeddings_concat)

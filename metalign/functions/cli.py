@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     imported = subparsers.add_parser("sae-import", help="convert a pretrained ViT-Prisma legacy weights.pt to our SAE format")
     imported.add_argument("--weights", type=Path, required=True, help="legacy single-file SAE (cfg + state_dict)")
     imported.add_argument("--out", type=Path, required=True, help="SAE checkpoint (.pt, weights-only loadable)")
-    imported.add_argument("--k", type=int, help="active latents; required if the file's config does not state it")
+    imported.add_argument("--k", type=int, help="active latents; must equal the k of the file's config (a cross-check)")
     imported.add_argument("--repo", help="where the weights came from (recorded)")
     imported.add_argument("--revision", help="revision of --repo (recorded)")
     imported.set_defaults(func=cmd_sae_import)
@@ -118,8 +118,13 @@ def cmd_sae_encode(args: argparse.Namespace) -> None:
     features, ids, attrs = read_features(args.features, args.output)
     if features.shape[1] != sae.d_in:
         raise DataContractError(f"{args.features} has {features.shape[1]}-d features but SAE {args.sae} expects {sae.d_in}")
-    indices, values = encode_topk(features, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, args.batch_size, args.device)
     origin = meta.get("pretrained", {})
+    if origin.get("layer") is not None and _layer(attrs) is not None and str(origin["layer"]) != str(_layer(attrs)):
+        raise DataContractError(f"SAE {args.sae} reads block {origin['layer']} ({origin.get('hook')}), but `{args.output}` "
+                                f"of {args.features} is block {_layer(attrs)}; point the function set's source.output "
+                                f"at layer_{origin['layer']}")
+    indices, values = encode_topk(features, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, args.batch_size, args.device,
+                                  sae.input_norm, sae.subtract_b_dec)
     provenance = {"source": _source(args.features, ids, attrs),
                   "sae": {"path": str(args.sae), "config": sae.config, "trained_on": meta.get("features", {}),
                           "pretrained": origin},

@@ -19,43 +19,74 @@ from metalign.io import _json_default, atomic_path
 from metalign.progress import progress
 
 WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+# Per-row input normalisation before encoding (ViT-Prisma's `normalize_activations`, docs/methods.md §2): none;
+# constant_norm_rescale, x·√d_in/‖x‖; layer_norm, (x − mean(x)) / (std(x) + 1e−5) with the sample std (ddof 1).
+INPUT_NORMS = ("none", "constant_norm_rescale", "layer_norm")
+_LN_EPS = 1e-5
 
 
-def topk_activations(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
-                     k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def normalise_input(x: torch.Tensor, input_norm: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(normalised rows, scale, shift): codes live in the normalised space, and a reconstruction r maps back to x's
+    units as r·scale + shift, as ViT-Prisma does (for layer_norm its scale omits the 1e−5)."""
+    ones = torch.ones_like(x[..., :1])
+    if input_norm == "none":
+        return x, ones, torch.zeros_like(ones)
+    if input_norm == "constant_norm_rescale":
+        scale = x.norm(dim=-1, keepdim=True) / x.shape[-1] ** 0.5
+        return x / scale, scale, torch.zeros_like(ones)
+    if input_norm == "layer_norm":
+        shift = x.mean(dim=-1, keepdim=True)
+        scale = (x - shift).std(dim=-1, keepdim=True)
+        return (x - shift) / (scale + _LN_EPS), scale, shift
+    raise ValueError(f"input_norm {input_norm!r} is not one of {INPUT_NORMS}")
+
+
+def topk_activations(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, k: int,
+                     input_norm: str = "none", subtract_b_dec: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse code of each row of `x`: (indices ascending, values), ReLU applied after the top-k selection (docs/methods.md §2)."""
-    h = (x - b_dec) @ W_enc + b_enc
+    s = normalise_input(x, input_norm)[0]
+    h = ((s - b_dec) if subtract_b_dec else s) @ W_enc + b_enc
     top_values, top_indices = torch.topk(h, k, dim=-1)
     indices, order = torch.sort(top_indices, dim=-1)
     return indices, torch.gather(top_values, -1, order).relu()
 
 
 class TopKSAE(nn.Module):
-    """x_hat = a @ W_dec + b_dec with a = top-k ReLU code; decoder rows are kept at unit norm by the trainer."""
+    """x_hat = a @ W_dec + b_dec with a = top-k ReLU code; decoder rows are kept at unit norm by the trainer.
 
-    def __init__(self, d_in: int, d_sae: int, k: int):
+    `input_norm` and `subtract_b_dec` are the encoding options of a pretrained SAE (docs/methods.md §2); our own SAEs
+    use the defaults (raw input, b_dec subtracted).
+    """
+
+    def __init__(self, d_in: int, d_sae: int, k: int, input_norm: str = "none", subtract_b_dec: bool = True):
         super().__init__()
         if not 0 < k <= d_sae:
             raise ValueError(f"k must be in [1, d_sae={d_sae}], got {k}")
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm {input_norm!r} is not one of {INPUT_NORMS}")
         self.d_in, self.d_sae, self.k = d_in, d_sae, k
+        self.input_norm, self.subtract_b_dec = input_norm, subtract_b_dec
         self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
     @property
-    def config(self) -> dict[str, int]:
-        return {"d_in": self.d_in, "d_sae": self.d_sae, "k": self.k}
+    def config(self) -> dict[str, Any]:
+        return {"d_in": self.d_in, "d_sae": self.d_sae, "k": self.k, "input_norm": self.input_norm,
+                "subtract_b_dec": self.subtract_b_dec}
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return topk_activations(x, self.W_enc, self.b_enc, self.b_dec, self.k)
+        return topk_activations(x, self.W_enc, self.b_enc, self.b_dec, self.k, self.input_norm, self.subtract_b_dec)
 
     def decode(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Sum of the k selected decoder rows; never forms the dense (B, d_sae) code."""
+        """Sum of the k selected decoder rows (in the normalised input space); never forms the dense (B, d_sae) code."""
         return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(*self.encode(x))
+        """Reconstruction of x in x's own units."""
+        _, scale, shift = normalise_input(x, self.input_norm)
+        return self.decode(*self.encode(x)) * scale + shift
 
     @torch.no_grad()
     def normalise_decoder(self) -> None:
@@ -63,7 +94,7 @@ class TopKSAE(nn.Module):
 
 
 def encode_topk(X: np.ndarray, W_enc: Any, b_enc: Any, b_dec: Any, k: int, batch_size: int = 1024,
-                device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+                device: str = "cpu", input_norm: str = "none", subtract_b_dec: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Codes of all rows of X as fixed-width (N, k) arrays: int32 latent ids (ascending per row), float32 values.
 
     Works batch by batch so that at most (batch_size, d_sae) pre-activations exist at once.
@@ -78,7 +109,7 @@ def encode_topk(X: np.ndarray, W_enc: Any, b_enc: Any, b_dec: Any, k: int, batch
     with torch.no_grad():
         for start in progress(range(0, len(X), batch_size), desc="sae encode"):
             x = torch.as_tensor(np.asarray(X[start:start + batch_size], dtype=np.float32)).to(device)
-            idx, val = topk_activations(x, W_enc_t, b_enc_t, b_dec_t, k)
+            idx, val = topk_activations(x, W_enc_t, b_enc_t, b_dec_t, k, input_norm, subtract_b_dec)
             indices[start:start + len(x)] = idx.cpu().numpy()
             values[start:start + len(x)] = val.cpu().numpy()
     return indices, values
@@ -95,7 +126,8 @@ def sae_quality(sae: TopKSAE, X: np.ndarray, batch_size: int = 1024, device: str
             x = torch.as_tensor(X[start:start + batch_size], dtype=torch.float32, device=device)
             indices, values = sae.encode(x)
             fired[indices[values != 0]] = True
-            sse += float(((x - sae.decode(indices, values)) ** 2).sum(dtype=torch.float64))
+            _, scale, shift = normalise_input(x, sae.input_norm)
+            sse += float(((x - (sae.decode(indices, values) * scale + shift)) ** 2).sum(dtype=torch.float64))
             sst += float(((x.double() - mean) ** 2).sum())
     return {"explained_variance": 1.0 - sse / sst, "alive_fraction": float(fired.double().mean())}
 
