@@ -146,6 +146,7 @@ def _variant(name: str, **keys):
     (_demo, _set("demo.vit.image_size", 32), r"backbones.vit_tiny.preprocessing.size: 64 .*\(32\)"),
     (_demo, _set("benchmarks.things_fmri.alphas.log10_min", 9), r"benchmarks.things_fmri.alphas: log10_min \(9\)"),
     (_demo, _set("benchmarks.things_fmri.leaky_alphas.log10_max", -7), r"benchmarks.things_fmri.leaky_alphas: log10_min"),
+    (_study, _set("benchmarks.things_ooo.dataset", "coco_eval"), r"benchmarks.things_ooo.dataset: .coco_eval. is a concat"),
 ])
 def test_bad_size_is_rejected(load, mutate, needle):
     config = load()

@@ -81,6 +81,9 @@ def check_references(config: Mapping[str, Any]) -> None:
             raise ConfigError(f"icl.variants: {name!r} is not a sequence model, so it has no ICL curve")
     for name, bench in config["benchmarks"].items():
         need(bench["dataset"], datasets, f"benchmarks.{name}.dataset", "dataset")
+        if "concat" in datasets[bench["dataset"]]:
+            raise ConfigError(f"benchmarks.{name}.dataset: {bench['dataset']!r} is a concat dataset (feature files, no "
+                              f"manifest); a benchmark needs a dataset with a manifest")
     fmri = config["benchmarks"].get("things_fmri")
     if fmri:
         need(fmri["figure_variant"], config["variants"], "benchmarks.things_fmri.figure_variant", "variant")
