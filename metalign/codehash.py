@@ -38,8 +38,23 @@ def _name_of(path: Path) -> str:
 
 
 @lru_cache(maxsize=None)
+def _source(path: Path) -> str:
+    return path.read_text()
+
+
+@lru_cache(maxsize=None)
 def _tree(path: Path) -> ast.Module:
-    return ast.parse(path.read_text(), filename=str(path))
+    return ast.parse(_source(path), filename=str(path))
+
+
+@lru_cache(maxsize=None)
+def _lines(path: Path) -> tuple[str, ...]:
+    return tuple(_source(path).splitlines(keepends=True))
+
+
+def _segment(path: Path, node: ast.AST) -> str:
+    """The source lines of a top-level definition (ast.get_source_segment re-splits the file on every call)."""
+    return "".join(_lines(path)[node.lineno - 1:node.end_lineno])
 
 
 def _targets(node: ast.Import | ast.ImportFrom, here: str) -> dict[str, str]:
@@ -95,7 +110,6 @@ def _handler_parts(cli_module: str, command: str) -> tuple[list[str], set[str]]:
     """Source of the handler, what it reaches in its module and `register`; the metalign modules those use."""
     path = _module_file(cli_module)
     tree = _tree(path)
-    source = path.read_text()
     bindings: dict[str, str] = {}
     definitions: dict[str, ast.AST] = {}
     for node in tree.body:
@@ -123,8 +137,7 @@ def _handler_parts(cli_module: str, command: str) -> tuple[list[str], set[str]]:
                 modules.add(bindings[node.id])
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 modules.update(_targets(node, cli_module).values())
-    parts = [ast.get_source_segment(source, definitions[name]) or "" for name in sorted(reached | {"register"})
-             if name in definitions]
+    parts = [_segment(path, definitions[name]) for name in sorted(reached | {"register"}) if name in definitions]
     return parts, modules
 
 
@@ -140,7 +153,7 @@ def code_hash(command: str) -> str:
     for part in parts:
         digest.update(part.encode())
     for module in sorted(_closure(modules) - {COMMANDS[command]}):
-        digest.update(f"\0{module}\0".encode() + _module_file(module).read_bytes())
+        digest.update(f"\0{module}\0".encode() + _source(_module_file(module)).encode())
     return digest.hexdigest()[:16]
 
 

@@ -157,8 +157,8 @@ def test_loo_scoring_equals_hand_computed_leave_one_out():
     hand = []
     for i in range(9):
         rest_v, rest_c = np.delete(values, i, axis=0), np.delete(choice, i)
-        fit = minimize_scalar(lambda lt: lr.choice_nll(lt, rest_v, rest_c)[0].sum(), bounds=lr.LOG_T_BOUNDS,
-                              method="bounded", options={"xatol": 1e-10})
+        fit = minimize_scalar(lambda lt, v, c: lr.choice_nll(lt, v, c)[0].sum(), args=(rest_v, rest_c),
+                              bounds=lr.LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-10})
         hand.append(lr.choice_nll(fit.x, values[i:i + 1], choice[i:i + 1])[0][0])
     loo, loo_summary = _scored([values], [choice], scoring="loo")
     np.testing.assert_allclose(loo["nll"], hand, rtol=0, atol=1e-7)
@@ -369,7 +369,8 @@ def test_category_schedules_are_learnable_from_spose49(tmp_path):
     features = np.loadtxt(SPOSE)[[concept[k.split("/")[0]] for k in keys]]
 
     def late(per_trial: pd.DataFrame) -> pd.Series:
-        return per_trial[per_trial.groupby("participant").cumcount() >= 90].groupby("subject_id")["learner_correct"].mean()
+        late_trials = per_trial[per_trial.groupby("participant").cumcount() >= 90]
+        return late_trials.groupby("subject_id")["learner_correct"].mean()
 
     study_trials, study = lr.evaluate_category(table, features, keys)
     assert study["n_sessions_smallest_c"] == 1 and study["participants"]["p1"]["C"] == lr.C_GRID[0]

@@ -84,17 +84,21 @@ def _write_learning(args: argparse.Namespace, task: str, per_trial: pd.DataFrame
                   per_trial, args.out_trials)
 
 
+def _choice_model(args: argparse.Namespace) -> dict[str, str]:
+    return {"scoring": args.scoring, "temperature": args.temperature, "t_bounds": args.t_bounds}
+
+
 def cmd_evaluate_category(args: argparse.Namespace) -> None:
     features, ids, attrs = read_features(args.features)
     per_trial, summary = learning.evaluate_category(learning.read_category(args.table), features.astype(np.float64),
-                                                    ids, str(args.features), causal=args.c_selection == "causal")
+                                                    ids, str(args.features), args.c_selection, **_choice_model(args))
     _write_learning(args, "category", per_trial, summary, attrs)
 
 
 def cmd_evaluate_reward(args: argparse.Namespace) -> None:
     features, ids, attrs = read_features(args.features)
     per_trial, summary = learning.evaluate_reward(learning.read_reward(args.table), features.astype(np.float64), ids,
-                                                  str(args.features))
+                                                  str(args.features), **_choice_model(args))
     _write_learning(args, "reward", per_trial, summary, attrs)
 
 
@@ -224,8 +228,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="category_learning.csv or reward_learning.csv (columns: docs/datasets.md)")
         _add_representation(task, "THINGS representation")
         if name == "evaluate-category":
-            task.add_argument("--c-selection", choices=("cv", "causal"), default="cv",
-                              help="cv: the study's 5-fold CV on all trials' labels; causal: prequential, past only")
+            task.add_argument("--c-selection", choices=learning.C_SELECTIONS, default="cv",
+                              help="cv: the study's 5-fold CV accuracy on all trials' labels (ties to the smallest C); "
+                                   "cv_logloss: the same folds scored by log-loss; causal: prequential, past only")
+        task.add_argument("--scoring", choices=learning.SCORINGS, default="in_sample",
+                          help="in_sample: the study's; loo: each trial scored by a temperature fitted without it")
+        task.add_argument("--temperature", choices=learning.TEMPERATURES, default="individual",
+                          help="individual: the study's, one per participant; hierarchical: inverse temperatures "
+                               "partially pooled across participants (Gaussian, Laplace marginal likelihood)")
+        task.add_argument("--t-bounds", choices=learning.T_BOUNDS, default="study",
+                          help="study: log T in [-4.6, 4.6]; scaled: the same on log(T / RMS value difference)")
         _add_outputs(task)
         task.set_defaults(func=cmd_evaluate_category if name == "evaluate-category" else cmd_evaluate_reward)
 

@@ -4,6 +4,17 @@ Per participant and representation an online learner turns trial t's options int
 before t; a one-parameter softmax choice model (log T ∈ [−4.6, 4.6], fitted in sample on the human choices) scores
 the human choices. Each model has one free parameter, so summed NLLs compare without a complexity penalty.
 
+Options beyond the study (docs/methods.md §9.3–9.4), each a named setting whose default is the study's:
+- `c_selection`: `cv` (study: CV accuracy, ties to the smallest C), `cv_logloss` (CV log-loss: accuracy ties
+  between weak Cs no longer fall to C = 1e−4, whose online learner only predicts the majority label seen so far),
+  `causal` (prequential, past labels only).
+- `scoring`: `in_sample` (study) or `loo` (each trial scored by a temperature fitted without it, as the published
+  THINGSDecisions pseudo-R²).
+- `temperature`: `individual` (study) or `hierarchical` (inverse temperatures partially pooled across participants,
+  β_p ~ N(μ, τ²) by Laplace-approximated marginal likelihood, as lme4's glmer in THINGSDecisions).
+- `t_bounds`: `study` (log T ∈ [−4.6, 4.6] in value units; binds for near-random participants when values are
+  rewards in 0–100) or `scaled` (the same bounds on log(T / s), s = the participant's RMS value difference).
+
 Exact and fast (docs/methods.md P-47) instead of refitting scikit-learn from scratch at every trial:
 - Both learners are invariant to rotations of the feature space (isotropic L2 penalty / isotropic Gaussian prior)
   and their solutions lie in the span of the training rows, so each participant's images are first expressed in an
@@ -42,7 +53,12 @@ CATEGORY_COLUMNS = ("participant", "image", "choice", "true_category_binary")
 REWARD_COLUMNS = ("participant", "left_image", "right_image", "left_reward", "right_reward", "choice")
 C_GRID = np.logspace(-4, 4, 10)
 CV_FOLDS = 5
+C_SELECTIONS = ("cv", "cv_logloss", "causal")
+SCORINGS = ("in_sample", "loo")
+TEMPERATURES = ("individual", "hierarchical")
+T_BOUNDS = ("study", "scaled")
 LOG_T_BOUNDS = (-4.6, 4.6)
+LOG_TAU_BOUNDS = (-12.0, 6.0)            # hierarchical: log τ of standardised inverse temperatures
 LOG_VALUE_FLOOR = math.log(1e-15)        # values are clipped at 1e-15 before the log (docs/methods.md §9.3)
 LOG_2 = math.log(2.0)
 # scikit-learn BayesianRidge defaults
@@ -155,21 +171,23 @@ def _design(z: np.ndarray) -> np.ndarray:
     return np.hstack([z, np.ones((len(z), 1))])
 
 
-def choose_c(z: np.ndarray, y: np.ndarray, grid: np.ndarray = C_GRID) -> float:
-    """C with the best mean held-out accuracy of stratified K-fold CV (K = min(5, smallest class count), no
-    shuffle, as scikit-learn's grid search); ties go to the smallest C. 1.0 (scikit-learn's default) when a class
-    has fewer than two trials."""
+def choose_c(z: np.ndarray, y: np.ndarray, grid: np.ndarray = C_GRID, scoring: str = "accuracy") -> float:
+    """C with the best mean held-out `scoring` (`accuracy`, the study's; or `log_loss`) of stratified K-fold CV
+    (K = min(5, smallest class count), no shuffle, as scikit-learn's grid search); ties go to the smallest C. 1.0
+    (scikit-learn's default) when a class has fewer than two trials."""
     k = min(CV_FOLDS, int(np.bincount(y, minlength=2).min()))
     if k < 2:
         return 1.0
     design = _design(z)
-    accuracy = np.zeros(len(grid))
+    score = np.zeros(len(grid))
     for train, test in StratifiedKFold(n_splits=k).split(z, y):
         theta = None
         for g, c in enumerate(grid):             # warm start along the regularisation path
             theta = fit_logistic(design[train], y[train], c, theta)
-            accuracy[g] += np.mean((design[test] @ theta > 0) == y[test])
-    return float(grid[int(np.argmax(accuracy))])
+            margin = design[test] @ theta
+            score[g] += (np.mean((margin > 0) == y[test]) if scoring == "accuracy"
+                         else np.mean(log_expit(np.where(y[test] == 1, margin, -margin))))
+    return float(grid[int(np.argmax(score))])
 
 
 def online_logistic(z: np.ndarray, y: np.ndarray, c: float) -> np.ndarray:
@@ -260,13 +278,117 @@ def choice_nll(log_t: float, values: np.ndarray, choice: np.ndarray) -> tuple[np
     return -log_p[rows, choice], -(resid * scaled).sum(axis=1)
 
 
-def fit_temperature(values: np.ndarray, choice: np.ndarray) -> float:
-    """log T minimising the mean NLL of the human choices (L-BFGS-B from log T = 0, bounds ±4.6)."""
+def fit_temperature(values: np.ndarray, choice: np.ndarray,
+                    bounds: tuple[float, float] = LOG_T_BOUNDS) -> float:
+    """log T minimising the mean NLL of the human choices (L-BFGS-B from log T = 0 clipped into `bounds`, the
+    study's ±4.6 by default)."""
     def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
         nll, grad = choice_nll(float(x[0]), values, choice)
         return float(nll.mean()), np.array([grad.mean()])
 
-    return float(minimize(objective, np.zeros(1), jac=True, method="L-BFGS-B", bounds=[LOG_T_BOUNDS]).x[0])
+    start = np.clip(np.zeros(1), *bounds)
+    return float(minimize(objective, start, jac=True, method="L-BFGS-B", bounds=[bounds]).x[0])
+
+
+def log_t_bounds(values: np.ndarray, t_bounds: str = "study") -> tuple[float, float]:
+    """The study's ±4.6 on log T, or (`scaled`) the same on log(T / s) with s the RMS of the value differences, so
+    the bound means the same whatever the values' units (log-probabilities, or rewards in 0–100)."""
+    if t_bounds == "study":
+        return LOG_T_BOUNDS
+    rms = float(np.sqrt(np.mean((values[:, 1] - values[:, 0]) ** 2)))
+    shift = math.log(rms) if rms > 0 else 0.0
+    return LOG_T_BOUNDS[0] + shift, LOG_T_BOUNDS[1] + shift
+
+
+def choice_margins(values: np.ndarray, choice: np.ndarray) -> np.ndarray:
+    """a_t = ±(v1 − v0), signed so that the two-option softmax gives P(choice_t) = σ(β a_t) with β = 1/T."""
+    return np.where(choice == 1, 1.0, -1.0) * (values[:, 1] - values[:, 0])
+
+
+def fit_beta(margins: np.ndarray, weights: np.ndarray, lower: float, upper: float, prior_mean: float = 0.0,
+             prior_precision: float = 0.0) -> np.ndarray:
+    """Per row k: argmin over β ∈ [lower, upper] of Σ_t w_kt·(−log σ(β a_kt)) + ½ prior_precision (β − prior_mean)².
+
+    The objective is convex in β, so Newton steps kept inside a shrinking bracket reach machine precision; rows are
+    solved together (one row per left-out trial, or per participant). `margins` is (n,) or (K, n), `weights`
+    (K, n); the bounds may be infinite when there is a prior (the optimum lies within Σ w|a| / precision of its
+    mean). A row without information (all w·a = 0, no prior) gets β = 1 (log T = 0, the study's start)."""
+    margins = np.broadcast_to(margins, weights.shape)
+    lo, hi = np.full(len(weights), float(lower)), np.full(len(weights), float(upper))
+    if prior_precision > 0:
+        reach = (weights * np.abs(margins)).sum(axis=1) / prior_precision + 1.0
+        lo, hi = np.maximum(lo, prior_mean - reach), np.minimum(hi, prior_mean + reach)
+
+    def derivatives(beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s = expit(-beta[:, None] * margins)
+        grad = -(weights * margins * s).sum(axis=1) + prior_precision * (beta - prior_mean)
+        hess = (weights * margins ** 2 * s * (1.0 - s)).sum(axis=1) + prior_precision
+        return grad, hess
+
+    at_lower, at_upper = derivatives(lo)[0] >= 0, derivatives(hi)[0] <= 0
+    beta = np.clip(np.ones(len(weights)), lo, hi)
+    for _ in range(200):
+        grad, hess = derivatives(beta)
+        lo, hi = np.where(grad < 0, beta, lo), np.where(grad > 0, beta, hi)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            newton = beta - grad / hess
+        inside = (newton > lo) & (newton < hi)
+        new = np.where(grad == 0, beta, np.where(inside, newton, 0.5 * (lo + hi)))
+        converged = np.all(np.abs(new - beta) <= 1e-13 * np.maximum(1.0, np.abs(beta)))
+        beta = new
+        if converged:
+            break
+    flat = ~(weights * margins != 0).any(axis=1) & (prior_precision == 0)
+    beta = np.where(at_lower, lo, np.where(at_upper, hi, beta))
+    return np.where(flat, np.clip(1.0, lower, upper), beta)
+
+
+def loo_nll(margins: np.ndarray, lower: float, upper: float, prior_mean: float = 0.0,
+            prior_precision: float = 0.0) -> np.ndarray:
+    """Per-trial NLL with β refitted on all the participant's other trials (leave-one-trial-out)."""
+    n = len(margins)
+    beta = fit_beta(margins, 1.0 - np.eye(n), lower, upper, prior_mean, prior_precision)
+    return -log_expit(beta * margins)
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """Hierarchical inverse temperatures: group mean μ and sd τ of β = 1/T, and each participant's β (posterior
+    mode given μ, τ), all in value units."""
+
+    mean: float
+    sd: float
+    beta: np.ndarray
+
+
+def fit_hierarchical(margins: list[np.ndarray]) -> Pooled:
+    """β_p ~ N(μ, τ²), P(choice) = σ(β_p a): (μ, τ) maximise the Laplace-approximated marginal likelihood (lme4's
+    glmer default, nAGQ = 1), then β_p = the conditional modes. Unbounded β, like glmer's random slopes. Fitted on
+    margins standardised by their overall RMS (the fit is equivariant to that scale; THINGSDecisions scales too)."""
+    width = max(len(m) for m in margins)
+    padded, weights = np.zeros((len(margins), width)), np.zeros((len(margins), width))
+    for p, m in enumerate(margins):
+        padded[p, :len(m)], weights[p, :len(m)] = m, 1.0
+    scale = float(np.sqrt((padded ** 2).sum() / weights.sum())) or 1.0
+    padded /= scale
+
+    def modes(mu: float, log_tau: float) -> tuple[np.ndarray, float]:
+        precision = math.exp(-2.0 * log_tau)
+        return fit_beta(padded, weights, -np.inf, np.inf, mu, precision), precision
+
+    def negative_marginal(x: np.ndarray) -> float:
+        beta, precision = modes(float(x[0]), float(x[1]))
+        z = beta[:, None] * padded
+        s = expit(z)
+        curvature = (weights * padded ** 2 * s * (1.0 - s)).sum(axis=1)
+        return float(-(weights * log_expit(z)).sum() + 0.5 * precision * ((beta - x[0]) ** 2).sum()
+                     + 0.5 * np.log1p(curvature / precision).sum())
+
+    pooled = float(fit_beta(padded.ravel(), weights.reshape(1, -1), -1e3, 1e3)[0])
+    start = np.array([pooled, math.log(max(abs(pooled), 0.1))])
+    best = minimize(negative_marginal, start, method="L-BFGS-B", bounds=[(None, None), LOG_TAU_BOUNDS]).x
+    beta, _ = modes(float(best[0]), float(best[1]))
+    return Pooled(float(best[0]) / scale, math.exp(float(best[1])) / scale, beta / scale)
 
 
 def _hit(values: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -297,17 +419,18 @@ def _sessions(table: pd.DataFrame, learn: Callable[[np.ndarray], Session], desc:
 
 
 def category_sessions(table: pd.DataFrame, features: np.ndarray, rows: np.ndarray,
-                      causal: bool = False) -> list[Session]:
-    """Category learner per participant (`rows` = feature row of each table row's image)."""
+                      c_selection: str = "cv") -> list[Session]:
+    """Category learner per participant (`rows` = feature row of each table row's image); `c_selection` as in
+    the module docstring."""
     labels = table["true_category_binary"].to_numpy()
 
     def learn(trials: np.ndarray) -> Session:
         z, _ = span_coordinates(features[rows[trials]])
         y = labels[trials]
-        if causal:
+        if c_selection == "causal":
             log_values, c = online_logistic_causal(z, y)
             return Session(trials, np.maximum(log_values, LOG_VALUE_FLOOR), {"C": c.tolist()})
-        c = choose_c(z, y)
+        c = choose_c(z, y, scoring="accuracy" if c_selection == "cv" else "log_loss")
         return Session(trials, np.maximum(online_logistic(z, y, c), LOG_VALUE_FLOOR), {"C": c})
 
     return _sessions(table, learn, "category learners")
@@ -326,43 +449,73 @@ def reward_sessions(table: pd.DataFrame, features: np.ndarray, left: np.ndarray,
     return _sessions(table, learn, "reward learners")
 
 
-def score_sessions(table: pd.DataFrame, sessions: list[Session], target: np.ndarray) -> tuple[pd.DataFrame, dict]:
-    """Fit T per participant on the human choices; per-trial NLL (`trial` = table row), `correct` (the model's
-    choice probability of the human choice > ½; ½ on ties) and `learner_correct` (values vs `target`)."""
+def score_sessions(table: pd.DataFrame, sessions: list[Session], target: np.ndarray, scoring: str = "in_sample",
+                   temperature: str = "individual", t_bounds: str = "study") -> tuple[pd.DataFrame, dict]:
+    """Fit the choice model's temperature on the human choices (per participant, or `hierarchical`ly pooled) and
+    score every trial in sample or leave-one-trial-out (`scoring`); per-trial NLL (`trial` = table row), `correct`
+    (the model's choice probability of the human choice > ½; ½ on ties) and `learner_correct` (values vs `target`)."""
+    for name, value, allowed in (("scoring", scoring, SCORINGS), ("temperature", temperature, TEMPERATURES),
+                                 ("t_bounds", t_bounds, T_BOUNDS)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
     choice = table["choice"].to_numpy()
     codes, subjects = pd.factorize(table["participant"], sort=True)
-    frames, params = [], {}
-    for session in sessions:
-        log_t = fit_temperature(session.values, choice[session.rows])
-        nll, _ = choice_nll(log_t, session.values, choice[session.rows])
-        p = np.exp(-nll)
+    margins = [choice_margins(session.values, choice[session.rows]) for session in sessions]
+    pooled = fit_hierarchical(margins) if temperature == "hierarchical" and sessions else None
+    frames, params, at_bound = [], {}, 0
+    for p, (session, margin) in enumerate(zip(sessions, margins)):
+        if pooled is None:
+            bounds = log_t_bounds(session.values, t_bounds)
+            log_t = fit_temperature(session.values, choice[session.rows], bounds)
+            at_bound += int(min(log_t - bounds[0], bounds[1] - log_t) < 1e-6)
+            fitted = {"log_t": log_t}
+            nll = (choice_nll(log_t, session.values, choice[session.rows])[0] if scoring == "in_sample"
+                   else loo_nll(margin, math.exp(-bounds[1]), math.exp(-bounds[0])))
+        else:
+            beta = float(pooled.beta[p])
+            fitted = {"beta": beta, "log_t": -math.log(beta) if beta > 0 else None}
+            nll = (-log_expit(beta * margin) if scoring == "in_sample"
+                   else loo_nll(margin, -np.inf, np.inf, pooled.mean, pooled.sd ** -2))
+        p_choice = np.exp(-nll)
         frames.append(pd.DataFrame({
             "participant": codes[session.rows], "subject_id": table["participant"].to_numpy()[session.rows],
-            "trial": session.rows, "nll": nll, "correct": np.where(p > 0.5, 1.0, np.where(p == 0.5, 0.5, 0.0)),
+            "trial": session.rows, "nll": nll,
+            "correct": np.where(p_choice > 0.5, 1.0, np.where(p_choice == 0.5, 0.5, 0.0)),
             "value0": session.values[:, 0], "value1": session.values[:, 1],
             "learner_correct": _hit(session.values, target[session.rows])}))
-        params[str(subjects[codes[session.rows[0]]])] = {"log_t": log_t, **session.info}
+        params[str(subjects[codes[session.rows[0]]])] = {**fitted, **session.info}
     per_trial = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["participant", "subject_id", "trial", "nll", "correct", "value0", "value1", "learner_correct"])
     mean_nll = float(per_trial["nll"].mean())
+    log_ts = [p["log_t"] for p in params.values() if p["log_t"] is not None]
     summary = {"nll": mean_nll, "nll_sum": float(per_trial["nll"].sum()), "mcfadden_r2": 1.0 - mean_nll / LOG_2,
                "acc": float(per_trial["correct"].mean()), "learner_acc": float(per_trial["learner_correct"].mean()),
                "n_participants": len(sessions), "n_trials": int(len(per_trial)),
-               "median_log_t": float(np.median([p["log_t"] for p in params.values()])), "participants": params}
+               "median_log_t": float(np.median(log_ts)) if log_ts else None,
+               "scoring": scoring, "temperature": temperature, "t_bounds": t_bounds,
+               **({"n_log_t_at_bound": at_bound} if pooled is None else
+                  {"beta_mean": pooled.mean, "beta_sd": pooled.sd}),
+               "participants": params}
     return per_trial, summary
 
 
 def evaluate_category(table: pd.DataFrame, features: np.ndarray, ids: list[str], source: str = "features",
-                      causal: bool = False) -> tuple[pd.DataFrame, dict]:
+                      c_selection: str = "cv", **choice_model: str) -> tuple[pd.DataFrame, dict]:
+    """Category learning; `choice_model` = score_sessions' scoring / temperature / t_bounds. The summary counts the
+    sessions whose C is the grid's smallest (for `causal`: on the last trial), where the learner degenerates."""
+    if c_selection not in C_SELECTIONS:
+        raise ValueError(f"c_selection must be one of {C_SELECTIONS}, not {c_selection!r}")
     rows = feature_rows(table["image"], ids, source, "image")
-    per_trial, summary = score_sessions(table, category_sessions(table, features, rows, causal),
-                                        table["true_category_binary"].to_numpy())
-    return per_trial, {**summary, "c_selection": "causal" if causal else "cv"}
+    sessions = category_sessions(table, features, rows, c_selection)
+    per_trial, summary = score_sessions(table, sessions, table["true_category_binary"].to_numpy(), **choice_model)
+    smallest = sum(np.atleast_1d(s.info["C"])[-1] == C_GRID[0] for s in sessions)
+    return per_trial, {**summary, "c_selection": c_selection, "n_sessions_smallest_c": int(smallest)}
 
 
-def evaluate_reward(table: pd.DataFrame, features: np.ndarray, ids: list[str],
-                    source: str = "features") -> tuple[pd.DataFrame, dict]:
+def evaluate_reward(table: pd.DataFrame, features: np.ndarray, ids: list[str], source: str = "features",
+                    **choice_model: str) -> tuple[pd.DataFrame, dict]:
+    """Reward learning; `choice_model` = score_sessions' scoring / temperature / t_bounds."""
     left = feature_rows(table["left_image"], ids, source, "left_image")
     right = feature_rows(table["right_image"], ids, source, "right_image")
     better = (table["right_reward"].to_numpy() > table["left_reward"].to_numpy()).astype(np.int64)
-    return score_sessions(table, reward_sessions(table, features, left, right), better)
+    return score_sessions(table, reward_sessions(table, features, left, right), better, **choice_model)

@@ -132,9 +132,13 @@ if CATEGORY:
         params:
             code=code_hash("evaluate-category"),
             c_selection=CATEGORY.get("c_selection", "cv"),
+            scoring=CATEGORY.get("scoring", "in_sample"),
+            temperature=CATEGORY.get("temperature", "individual"),
+            t_bounds=CATEGORY.get("t_bounds", "study"),
         shell:
             "python3 -m metalign evaluate-category --table {input.table} --features {input.features} --label {wildcards.variant}"
-            " --c-selection {params.c_selection} --out-trials {output.trials} --out-summary {output.summary} 2> {log}"
+            " --c-selection {params.c_selection} --scoring {params.scoring} --temperature {params.temperature}"
+            " --t-bounds {params.t_bounds} --out-trials {output.trials} --out-summary {output.summary} 2> {log}"
 
 
 if REWARD:
@@ -150,8 +154,12 @@ if REWARD:
             f"{R}/logs/reward_learning/{{backbone}}/{{variant}}.log",
         params:
             code=code_hash("evaluate-reward"),
+            scoring=REWARD.get("scoring", "in_sample"),
+            temperature=REWARD.get("temperature", "individual"),
+            t_bounds=REWARD.get("t_bounds", "study"),
         shell:
             "python3 -m metalign evaluate-reward --table {input.table} --features {input.features} --label {wildcards.variant}"
+            " --scoring {params.scoring} --temperature {params.temperature} --t-bounds {params.t_bounds}"
             " --out-trials {output.trials} --out-summary {output.summary} 2> {log}"
 
 
