@@ -17,15 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import pandas as pd
 
-from metalign.io import (
-    DataContractError,
-    atomic_path,
-    file_sha256,
-    library_versions,
-    read_h5,
-    write_csv,
-    write_json,
-)
+from metalign.io import DataContractError, atomic_path, file_sha256, library_versions, read_h5, write_csv, write_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_variants import FAST, planted_pair
 
 from metalign.functions.codes import write_codes
 from metalign.io import write_h5
-from metalign.train.loop import train
 from metalign.train.checkpoint import plain_state_dict
-from test_variants import FAST, planted_pair
+from metalign.train.loop import train
 
 CONFIG = {**FAST, "steps": 30, "eval_every": 10, "checkpoint_every": 10}
 

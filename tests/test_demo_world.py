@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from metalign.demo import world as world_module
 from metalign.demo.cli import register
 from metalign.demo.world import generate_world
-from metalign.demo import world as world_module
 
 SPEC = {"seed": 3, "n_concepts": 12, "images_per_concept": 3, "image_size": 32, "n_participants": 20,
         "triplets_per_participant": 60, "repeat_fraction": 0.1, "temperature": 0.15, "coco_train": 40, "coco_val": 10}

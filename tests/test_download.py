@@ -17,11 +17,12 @@ import tarfile
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
 
 from metalign.download.cli import register
-from metalign.download.items import Lock, download
 from metalign.download.http import AccessDenied, DownloadError, Expected, Retry, fetch, redact, redact_url
+from metalign.download.items import Lock, download
 from metalign.images.webdataset import iter_samples
 
 FAST = Retry(attempts=3, backoff_s=0.0, timeout_s=10.0)

@@ -17,13 +17,20 @@ from metalign.demo import cli as demo_cli
 from metalign.demo import labelled
 from metalign.downstream import cli
 from metalign.downstream.breeds import Hierarchy, make_task, read_hierarchy, split_superclass
-from metalign.downstream.fewshot import (BIAS_CONSTANT, STD_EPS, LinearClassifier, draw_samples, lsr_system,
-                                         fewshot_lsr, signed_one_hot)
+from metalign.downstream.fewshot import (
+    BIAS_CONSTANT,
+    STD_EPS,
+    LinearClassifier,
+    draw_samples,
+    fewshot_lsr,
+    lsr_system,
+    signed_one_hot,
+)
 from metalign.downstream.imagenet_a import class_mapping
 from metalign.downstream.probe import fit_centroids, fit_lsr_probe, holdout_split
 from metalign.downstream.shape_bias import parse_stimuli, shape_bias
-from metalign.io import DataContractError, manifest_hash, write_csv, write_h5
 from metalign.images.manifest import build_manifest
+from metalign.io import DataContractError, manifest_hash, write_csv, write_h5
 
 # ----------------------------------------------------------------------------------------------- least squares
 
@@ -452,9 +459,9 @@ def test_tables_and_gain_figure(demo_sets, tmp_path):
 
 
 def test_config_checks_name_the_key():
-    from metalign.config.schema import ConfigError
     from metalign.config.check import check_demo
     from metalign.config.downstream import check_downstream
+    from metalign.config.schema import ConfigError
 
     split = {"dataset": "imagenet_train"}
     config = {"datasets": {"imagenet_train": {"layout": "class_folders", "root": "x", "split": "train"}},

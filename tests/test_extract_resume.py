@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from metalign.embed.extract import extract
-from metalign.io import DataContractError, read_h5, write_csv
 from metalign.images.manifest import build_manifest
+from metalign.io import DataContractError, read_h5, write_csv
 from tests.conftest import REPO, write_images
 
 

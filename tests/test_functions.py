@@ -16,7 +16,6 @@ from metalign.functions.sae import TopKSAE, encode_topk, load_sae, save_sae, tra
 from metalign.functions.select import function_stats, max_episode_draw, select_functions
 from metalign.io import DataContractError, write_h5
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only add contention
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metalign.demo.learning import synthetic_images
 from metalign.behaviour import cli as behaviour_cli
 from metalign.behaviour import geometry as geo
+from metalign.demo.learning import synthetic_images
 from metalign.io import write_h5
 
 

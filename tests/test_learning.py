@@ -19,9 +19,9 @@ from sklearn.linear_model import BayesianRidge, LogisticRegression
 from sklearn.model_selection import GridSearchCV
 from threadpoolctl import threadpool_limits
 
-from metalign.demo.learning import simulate_category, simulate_reward, synthetic_images
 from metalign.behaviour import cli as behaviour_cli
 from metalign.behaviour import learning as lr
+from metalign.demo.learning import simulate_category, simulate_reward, synthetic_images
 from metalign.io import DataContractError, write_h5
 from tests.conftest import SHARED
 

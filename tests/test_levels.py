@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metalign.demo.learning import levels_path, simulate_levels, synthetic_images
 from metalign.behaviour import cli as behaviour_cli
 from metalign.behaviour import levels as lv
 from metalign.behaviour import odd_one_out as ooo
+from metalign.demo.learning import levels_path, simulate_levels, synthetic_images
 from metalign.io import DataContractError, write_h5
 
 SPEC = {"n_participants": 16, "trials_per_participant": 150, "repeat_fraction": 0.15, "none_fraction": 0.05,

@@ -16,11 +16,11 @@ import yaml
 from PIL import Image
 
 from metalign.config.datasets import check_dataset
-from metalign.config.schema import ConfigError, load_schema
 from metalign.config.downstream import check_downstream
-from metalign.io import DataContractError
+from metalign.config.schema import ConfigError, load_schema
 from metalign.images.layouts import LAYOUTS
 from metalign.images.manifest import ImageReader, build_manifest, verify_manifest
+from metalign.io import DataContractError
 from tests.conftest import REPO
 
 

@@ -65,8 +65,8 @@ def test_demo_outputs(demo):
     root = workdir / "results" / "demo"
     table = pd.read_csv(root / "alignment" / "things_ooo.csv")
     config = yaml.safe_load(DEMO.read_text())
-    from metalign.config.schema import variant_params
     from metalign.config.model import has_representation
+    from metalign.config.schema import variant_params
 
     encoded = [v for v in config["variants"] if has_representation(variant_params(config, v))]
     assert len(table) == len(config["backbones"]) * (1 + len(encoded))
@@ -94,8 +94,8 @@ def test_changed_training_steps_rerun_only_descendants(demo, tmp_path):
     jobs = planned_jobs(snakemake(workdir, "-n", "all", "--quiet", "rules", config=path))
     n_backbones = len(config["backbones"])
     assert not UPSTREAM & set(jobs), jobs
-    from metalign.config.schema import variant_params
     from metalign.config.model import has_representation
+    from metalign.config.schema import variant_params
 
     changed = [v for v in config["variants"] if "steps" not in config["variants"][v]]  # the others set their own
     encoded = [v for v in changed if has_representation(variant_params(config, v))]
@@ -219,10 +219,10 @@ def test_demo_full_overlay_on_the_built_demo(demo, tmp_path):
     with a checkpoint of its own architecture, an encode()d THINGS representation at its hidden size, and THINGS and
     Levels odd-one-out rows next to `base`; the report builds. The targets are the report and the odd-one-out tables
     (`make demo-full` also runs every other benchmark on each variant: too long for CI)."""
-    from metalign.config.schema import variant_params
     from metalign.config.functions import resolve_function_sets
-    from metalign.functions.subsets import n_kept
     from metalign.config.model import has_representation
+    from metalign.config.schema import variant_params
+    from metalign.functions.subsets import n_kept
 
     workdir, _ = demo
     base, overlay = yaml.safe_load(DEMO.read_text()), yaml.safe_load(DEMO_FULL.read_text())

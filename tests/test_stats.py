@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import integrate, stats
-from scipy.special import digamma, gammaln, gammainc, logsumexp
+from scipy.special import digamma, gammainc, gammaln, logsumexp
 
-from metalign.behaviour import figures
 from metalign.behaviour import cli as behaviour_cli
+from metalign.behaviour import figures
 from metalign.behaviour import stats as st
 from metalign.io import write_h5
 from tests.conftest import SHARED

@@ -12,17 +12,16 @@ import pandas as pd
 import pytest
 import torch
 
+from metalign.config.model import TrainConfig
 from metalign.functions.codes import Codes, write_codes
 from metalign.functions.select import function_stats, max_episode_draw, select_functions
 from metalign.io import DataContractError, file_sha256, read_h5, write_h5
-from metalign.train.data import Features
-from metalign.train.loop import train
-from metalign.train.model import ModelConfig, build_model, load_encoder
-from metalign.train.sampler import EpisodeSampler
 from metalign.train import cli as train_cli
 from metalign.train.checkpoint import MODEL_FORMAT
-from metalign.train.loop import METRIC_COLUMNS
-from metalign.config.model import TrainConfig
+from metalign.train.data import Features
+from metalign.train.loop import METRIC_COLUMNS, train
+from metalign.train.model import ModelConfig, build_model, load_encoder
+from metalign.train.sampler import EpisodeSampler
 
 D = 16
 SMALL = dict(seed=7, sl=20, batch_size=32, lr=3e-3, log_every=5, n_eval_episodes_per_function=4, min_step=0,

@@ -10,16 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from metalign.config.model import TrainConfig
 from metalign.functions.codes import Codes, read_codes, write_codes, write_neurons
 from metalign.functions.select import function_stats, select_functions
 from metalign.io import DataContractError, write_h5
-from metalign.config.model import TrainConfig
-from metalign.train.data import Features
-from metalign.train.loop import train
-from metalign.train.model import ModelConfig, build_model, load_encoder
 from metalign.train import cli as train_cli
 from metalign.train import icl
-from metalign.train.model import parameter_groups
+from metalign.train.data import Features
+from metalign.train.loop import train
+from metalign.train.model import ModelConfig, build_model, load_encoder, parameter_groups
 
 D = 16
 FAST = dict(seed=7, sl=20, batch_size=32, lr=3e-3, log_every=5, n_eval_episodes_per_function=4, min_step=0,

@@ -157,9 +157,7 @@ def cmd_noise_ceiling(args: argparse.Namespace) -> None:
 
 
 def cmd_figure_things(args: argparse.Namespace) -> None:
-    from metalign.behaviour.figures import (
-        things_figure,  # matplotlib only for the jobs that draw
-    )
+    from metalign.behaviour.figures import things_figure  # matplotlib only for the jobs that draw
 
     things_figure(pd.read_csv(args.table), args.out)
 

@@ -19,13 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from metalign.behaviour.odd_one_out import (
-    cv_scores,
-    entropy_ceiling,
-    score_logits,
-    triplet_logits,
-    zero_shot_accuracy,
-)
+from metalign.behaviour.odd_one_out import cv_scores, entropy_ceiling, score_logits, triplet_logits, zero_shot_accuracy
 from metalign.io import DataContractError
 
 log = logging.getLogger(__name__)

@@ -28,13 +28,7 @@ from metalign.brain import cv
 from metalign.brain.ridge import GroupedRidgeCV, LooRidgeCV, alpha_grid
 from metalign.brain.stats import alpha_edges, r2_columns
 from metalign.brain.subject import Subject
-from metalign.io import (
-    DataContractError,
-    file_sha256,
-    library_versions,
-    read_h5,
-    write_h5,
-)
+from metalign.io import DataContractError, file_sha256, library_versions, read_h5, write_h5
 from metalign.progress import progress
 from metalign.results import read_features
 

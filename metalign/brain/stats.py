@@ -12,9 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.special import (
-    chdtrc,  # χ² survival function; scipy.stats costs ~1 s to import
-)
+from scipy.special import chdtrc  # χ² survival function; scipy.stats costs ~1 s to import
 
 from metalign.io import DataContractError
 

@@ -24,13 +24,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from metalign.io import (
-    DataContractError,
-    atomic_path,
-    library_versions,
-    read_attrs,
-    set_attrs,
-)
+from metalign.io import DataContractError, atomic_path, library_versions, read_attrs, set_attrs
 
 MATCH_RULES = ("id", "basename")
 

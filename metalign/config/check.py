@@ -12,13 +12,7 @@ from typing import Any, Mapping
 
 from metalign.config.backbones import backbone_shape, is_demo_vit, output_dim
 from metalign.config.datasets import check_dataset
-from metalign.config.demo import (
-    validate_behaviour,
-    validate_fmri,
-    validate_labelled,
-    validate_vit,
-    validate_world,
-)
+from metalign.config.demo import validate_behaviour, validate_fmri, validate_labelled, validate_vit, validate_world
 from metalign.config.downstream import check_downstream
 from metalign.config.functions import resolve_function_sets
 from metalign.config.model import SEQUENCE_TYPES, TrainConfig

@@ -17,9 +17,7 @@ def cmd_demo_world(args: argparse.Namespace) -> None:
 
 
 def cmd_demo_vit(args: argparse.Namespace) -> None:
-    from metalign.demo.models import (
-        save_tiny_vit,  # torch and transformers only for this job
-    )
+    from metalign.demo.models import save_tiny_vit  # torch and transformers only for this job
 
     save_tiny_vit(args.out, image_size=args.image_size, patch_size=args.patch_size,
                   hidden_size=args.hidden_size, layers=args.layers, heads=args.heads, seed=args.seed)

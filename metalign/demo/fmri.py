@@ -28,14 +28,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from metalign.brain.bold5000 import (
-    BETAS,
-    IMAGE_NAMES,
-    LISTS,
-    REPEAT_PREFIX,
-    ROI_FILES,
-    RUN_LIST,
-)
+from metalign.brain.bold5000 import BETAS, IMAGE_NAMES, LISTS, REPEAT_PREFIX, ROI_FILES, RUN_LIST
 from metalign.brain.hdf import write_frame
 from metalign.brain.things import RESPONSE_KEY
 from metalign.config.demo import validate_fmri

@@ -19,23 +19,10 @@ from PIL import Image
 
 from metalign.config.demo import n_repeats, validate_world
 from metalign.demo.behaviour import simulate_participants
-from metalign.demo.factors import (
-    SHAPES,
-    TEXTURES,
-    Concept,
-    dimension_labels,
-    planted_embedding,
-    sample_concepts,
-)
+from metalign.demo.factors import SHAPES, TEXTURES, Concept, dimension_labels, planted_embedding, sample_concepts
 from metalign.demo.render import Placement, render
 from metalign.demo.streams import stream_rng as _rng
-from metalign.io import (
-    atomic_path,
-    file_sha256,
-    library_versions,
-    write_json,
-    write_text,
-)
+from metalign.io import atomic_path, file_sha256, library_versions, write_json, write_text
 from metalign.progress import progress
 
 MARKER = ".demo-world"  # marks a folder this generator owns, so a rerun may clear it

@@ -26,15 +26,7 @@ from typing import Any, Callable, Mapping
 import requests
 import urllib3
 
-from metalign.download.http import (
-    Digests,
-    DownloadError,
-    Expected,
-    Retry,
-    Transient,
-    access_denied,
-    open_stream,
-)
+from metalign.download.http import Digests, DownloadError, Expected, Retry, Transient, access_denied, open_stream
 from metalign.images.webdataset import iter_samples
 from metalign.io import write_json
 from metalign.progress import progress

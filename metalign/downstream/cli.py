@@ -14,12 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from metalign.downstream.breeds import (
-    BreedsTask,
-    evaluate_breeds,
-    make_tasks,
-    read_hierarchy,
-)
+from metalign.downstream.breeds import BreedsTask, evaluate_breeds, make_tasks, read_hierarchy
 from metalign.downstream.data import SplitRef, check_provenance
 from metalign.downstream.fewshot import evaluate_fewshot
 from metalign.downstream.imagenet_a import evaluate_imagenet_a
@@ -121,9 +116,7 @@ def cmd_downstream_fewshot_table(args: argparse.Namespace) -> None:
 
 
 def cmd_figure_downstream(args: argparse.Namespace) -> None:
-    from metalign.downstream.figures import (
-        gain_figure,  # matplotlib only for the job that draws
-    )
+    from metalign.downstream.figures import gain_figure  # matplotlib only for the job that draws
 
     tables = {Path(p).stem: pd.read_csv(p) for p in args.tables}
     gain_figure(pd.read_csv(args.alignment), tables, args.out)

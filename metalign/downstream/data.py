@@ -15,13 +15,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from metalign.io import (
-    DataContractError,
-    align_rows,
-    manifest_hash,
-    read_attrs,
-    read_manifest,
-)
+from metalign.io import DataContractError, align_rows, manifest_hash, read_attrs, read_manifest
 
 READ_BLOCK = 1 << 16  # rows per sequential block read
 

@@ -17,13 +17,7 @@ import numpy as np
 import pandas as pd
 
 from metalign.config.downstream import category_of
-from metalign.downstream.data import (
-    SplitRef,
-    load_rows,
-    read_features,
-    sample_per_class,
-    take_shots,
-)
+from metalign.downstream.data import SplitRef, load_rows, read_features, sample_per_class, take_shots
 from metalign.downstream.probe import ProbeConfig
 from metalign.io import DataContractError
 

@@ -27,13 +27,7 @@ import h5py
 import numpy as np
 
 from metalign.functions.select import Selection, function_stats, select_functions
-from metalign.io import (
-    DataContractError,
-    atomic_path,
-    library_versions,
-    read_attrs,
-    set_attrs,
-)
+from metalign.io import DataContractError, atomic_path, library_versions, read_attrs, set_attrs
 
 FUNCTION_FIELDS = ("latent_id", "nnz", "mean", "std")
 KINDS = ("sparse", "neurons")

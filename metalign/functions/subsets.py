@@ -26,13 +26,7 @@ from scipy import sparse
 
 from metalign.config.functions import LEVELS
 from metalign.functions.codes import ARRAYS, Codes, read_codes, write_functions
-from metalign.io import (
-    DataContractError,
-    atomic_path,
-    library_versions,
-    read_attrs,
-    set_attrs,
-)
+from metalign.io import DataContractError, atomic_path, library_versions, read_attrs, set_attrs
 
 SIMILARITY = "Pearson correlation of activation vectors over the parent file's rows (zeros included)"
 

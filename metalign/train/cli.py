@@ -114,9 +114,7 @@ def cmd_icl_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_figure_icl(args: argparse.Namespace) -> None:
-    from metalign.train.figures import (
-        icl_figure,  # matplotlib only for the jobs that draw
-    )
+    from metalign.train.figures import icl_figure  # matplotlib only for the jobs that draw
 
     icl_figure(args.inputs, args.out)
 

@@ -40,27 +40,10 @@ from metalign.config.model import TrainConfig
 from metalign.functions.codes import Codes
 from metalign.io import DataContractError, library_versions, write_csv
 from metalign.progress import progress
-from metalign.train.checkpoint import (
-    MODEL_FORMAT,
-    STATE_FORMAT,
-    plain_state_dict,
-    save_checkpoint,
-)
+from metalign.train.checkpoint import MODEL_FORMAT, STATE_FORMAT, plain_state_dict, save_checkpoint
 from metalign.train.data import Features, aligned_features
-from metalign.train.distributed import (
-    Context,
-    all_sum,
-    barrier,
-    gather,
-    setup,
-    teardown,
-)
-from metalign.train.model import (
-    ModelConfig,
-    build_model,
-    hurdle_objective,
-    parameter_groups,
-)
+from metalign.train.distributed import Context, all_sum, barrier, gather, setup, teardown
+from metalign.train.model import ModelConfig, build_model, hurdle_objective, parameter_groups
 from metalign.train.tasks import Step, make_task
 
 log = logging.getLogger(__name__)
