@@ -1,19 +1,54 @@
 """Run every `benchmarks/bench_*.py` (or those named on the command line); each prints one line:
-`bench <name>: ours=… baseline=… ratio=…x goal=…`."""
+`bench <name>: ours=… baseline=… ratio=…x goal=…`. Benchmarks that return scaling data (things: time vs triplets,
+ridge: time vs voxels) also get results/bench/scaling_<name>.csv and .png (one pair each, so running one benchmark
+never overwrites another's)."""
 
 from __future__ import annotations
 
+import csv
 import importlib
 import pkgutil
 import sys
 from pathlib import Path
+
+OUT = Path("results/bench")
+
+
+def write_scaling(name: str, rows: list, out: Path = OUT) -> None:
+    """CSV (size, ours_s, baseline_s, baseline_measured) and a log-log figure of ours and the baseline."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"scaling_{name}.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["size", "ours_s", "baseline_s", "baseline_measured"])
+        for row in rows:
+            writer.writerow([*row[:3], row[3] if len(row) > 3 else False])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"things": ("triplets", "THINGS odd-one-out (baseline: L-BFGS-B/joblib, scaled by trials)"),
+              "ridge": ("voxels", "ridge, one fold (baseline: himalaya RidgeCV float32)")}
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    size = [r[0] for r in rows]
+    ax.loglog(size, [r[1] for r in rows], "o-", label="ours (measured)")
+    ax.loglog(size, [r[2] for r in rows], "s--", label="baseline")
+    ax.set_xlabel(labels.get(name, (name,))[0])
+    ax.set_ylabel("seconds (2 CPU cores)")
+    ax.set_title(labels.get(name, (name, name))[1], fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / f"scaling_{name}.png", dpi=120)
+    plt.close(fig)
 
 
 def main(names: list[str]) -> int:
     found = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name.startswith("bench_"))
     chosen = [n for n in found if not names or n.removeprefix("bench_") in names or n in names]
     for name in chosen:
-        importlib.import_module(f"benchmarks.{name}").main()
+        result = importlib.import_module(f"benchmarks.{name}").main()
+        for bench, rows in (result or {}).items():
+            write_scaling(bench, rows)
     return 0
 
 

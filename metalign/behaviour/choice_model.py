@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import OptimizeResult, minimize
 from scipy.special import log_softmax
-from sklearn.model_selection import StratifiedKFold
 
 from metalign.progress import progress
 
@@ -95,26 +94,44 @@ def assign_folds(choice: np.ndarray, groups: Groups, seed: int) -> tuple[np.ndar
     """Stratified K-fold test-fold index per trial (original order; -1 = participant dropped) and K per group.
 
     Folds depend only on the participant's choices (in file order) and `seed`, so fits of different representations
-    on the same triplets are paired.
+    on the same triplets are paired. They are exactly scikit-learn's `StratifiedKFold(k, shuffle=True,
+    random_state=seed)` test folds (`_stratified_folds`; tests/test_odd_one_out.py checks them against it).
     """
     choice = np.asarray(choice)
     fold = np.full(len(choice), -1, dtype=np.int64)
     n_folds = np.zeros(len(groups.labels), dtype=np.int64)
     sorted_choice = choice[groups.order]
     position_counts = _position_counts(sorted_choice, groups)
-    for g, (start, count) in enumerate(progress(zip(groups.starts, groups.counts), total=len(groups.labels),
-                                             desc="folds", unit="participant")):
-        occurring = position_counts[g][position_counts[g] > 0]
-        if len(occurring) < 2 or occurring.min() < 2:
-            continue
-        k = int(min(MAX_FOLDS, occurring.min()))
-        y = sorted_choice[start:start + count]
-        idx = groups.order[start:start + count]
-        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-        for f, (_, test) in enumerate(splitter.split(np.zeros(count), y)):
-            fold[idx[test]] = f
-        n_folds[g] = k
+    occurring = np.where(position_counts > 0, position_counts, np.iinfo(np.int64).max).min(axis=1)
+    kept = ((position_counts > 0).sum(axis=1) >= 2) & (occurring >= 2)
+    n_folds[kept] = np.minimum(MAX_FOLDS, occurring[kept])
+    rng = np.random.RandomState(seed)
+    state = rng.get_state()
+    for g in progress(np.flatnonzero(kept), desc="folds", unit="participant"):
+        start, count = groups.starts[g], groups.counts[g]
+        rng.set_state(state)
+        fold[groups.order[start:start + count]] = _stratified_folds(sorted_choice[start:start + count],
+                                                                    int(n_folds[g]), rng)
     return fold, n_folds
+
+
+def _stratified_folds(y: np.ndarray, k: int, rng: np.random.RandomState) -> np.ndarray:
+    """`StratifiedKFold(k, shuffle=True, random_state=rng's seed)._make_test_folds(y)` for choices y in 0..2, without
+    its per-call validation: classes in order of first appearance, a round-robin allocation of each class's trials
+    to folds over the class-sorted labels, one `rng.shuffle` per class in that order."""
+    first = np.full(N_CHOICES, len(y))
+    np.minimum.at(first, y, np.arange(len(y)))
+    classes = np.argsort(first, kind="stable")[:int((first < len(y)).sum())]  # by first appearance
+    counts = np.bincount(y, minlength=N_CHOICES)[classes]
+    ends = np.cumsum(counts)
+    test_folds = np.empty(len(y), dtype=np.int64)
+    for c, n, end in zip(classes, counts, ends):
+        # class c holds positions end-n .. end-1 of the class-sorted labels; position p goes to fold p mod k
+        per_fold = np.bincount(np.arange(end - n, end) % k, minlength=k)
+        folds_for_class = np.arange(k).repeat(per_fold)
+        rng.shuffle(folds_for_class)
+        test_folds[y == c] = folds_for_class
+    return test_folds
 
 
 def _position_counts(sorted_choice: np.ndarray, groups: Groups) -> np.ndarray:
