@@ -316,7 +316,7 @@ def test_cifar_bad_pickle_is_named(tmp_path):
 
 
 def test_schema_lists_every_registered_layout():
-    layouts = load_schema()["properties"]["datasets"]["additionalProperties"]["properties"]["layout"]["enum"]
+    layouts = load_schema()["$defs"]["image_set"]["properties"]["layout"]["enum"]
     assert sorted(layouts) == sorted(LAYOUTS)
 
 
