@@ -6,8 +6,8 @@ model and batch (hidden 768, 1 layer, 16 heads, attention dropout 0.1, 1,024 epi
 and one validation pass, and reports its peak resident set (VmHWM; ru_maxrss where /proc is absent). On the CPU every
 device tensor is host memory, so this over-counts a GPU run (activations and the attention weights that dropout
 materialises are host RAM here). Baseline, measured in subprocesses of the same run: upstream's host-side load, the
-same features and codes plus a dense row-major (N, F) float32 code matrix over the kept functions (docs/methods.md
-P-41), at `DENSE_POINTS` functions, extrapolated linearly to all kept functions (all 49k would be 23 GB, this
+same features and codes plus a dense row-major (N, F) float32 code matrix over the kept functions
+(docs/methods.md P-41), at `DENSE_POINTS` functions, extrapolated linearly to all kept functions (all 49k would be 23 GB, this
 machine's whole RAM); the line says so.
 
 Steps/s: the demo's training step (EfficientNet's 1280-d features, 1,200 images, 64 latents with k = 8, batch 64 ×

@@ -241,7 +241,7 @@ class LooRidgeCV:
     With centred features x, xᵀx = V diag(λ) Vᵀ, A = x V and g = 1/(λ + α), the hat matrix including the intercept is
     H = A diag(g) Aᵀ + 11ᵀ/n, and the leave-one-out residual of row i is exactly r_i / (1 − H_ii) with
     r = ỹ − A diag(g) Aᵀ ỹ: no refits, one n × r × targets product per α (as in scikit-learn). When one trial of a
-    repeated image is left out, its repetitions stay in training: the leak of the study's scheme (P-20).
+    repeated image is left out, its repetitions stay in training: the leak of the study's scheme (docs/methods.md P-20).
     """
 
     def __init__(self, alphas: Sequence[float], backend: str = "numpy", target_batch: int = TARGET_BATCH):
