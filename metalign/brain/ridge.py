@@ -28,6 +28,7 @@ selection, weights and predictions match `himalaya.ridge.RidgeCV(alphas, fit_int
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -60,6 +61,12 @@ def resolve_backend(name: str) -> str:
     except ImportError:
         return "numpy"
     return "torch_cuda" if torch.cuda.is_available() else "numpy"
+
+
+def _blas_threads(X: np.ndarray, Y: np.ndarray) -> AbstractContextManager[Any]:
+    """One BLAS thread for small problems (threads cost more than they save there), the default otherwise."""
+    small = np.prod(X.shape, dtype=np.float64) * Y.shape[-1] < SMALL_WORK
+    return threadpool_limits(limits=1 if small else None, user_api="blas")
 
 
 @dataclass
@@ -177,8 +184,7 @@ class GroupedRidgeCV:
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predictions for `X_test` (n_test, n_targets) float32, the selected α index and CV MSE per target."""
         X, Y, X_test = np.asarray(X), np.asarray(Y), np.asarray(X_test)
-        small = np.prod(X.shape, dtype=np.float64) * Y.shape[-1] < SMALL_WORK
-        with threadpool_limits(limits=1 if small else None, user_api="blas"):
+        with _blas_threads(X, Y):
             return self._fit_predict(X, Y, X_test)
 
     def _fit_predict(self, X: np.ndarray, Y: np.ndarray, X_test: np.ndarray
@@ -257,8 +263,7 @@ class LooRidgeCV:
         X, Y, X_test = np.asarray(X), np.asarray(Y), np.asarray(X_test)
         if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y) or len(X) < 3 or X_test.shape[1:] != X.shape[1:]:
             raise ValueError(f"shapes do not match (or < 3 rows): X {X.shape}, Y {Y.shape}, X_test {X_test.shape}")
-        small = np.prod(X.shape, dtype=np.float64) * Y.shape[-1] < SMALL_WORK
-        with threadpool_limits(limits=1 if small else None, user_api="blas"):
+        with _blas_threads(X, Y):
             return self._fit_predict(X, Y, X_test)
 
     def _fit_predict(self, X: np.ndarray, Y: np.ndarray, X_test: np.ndarray
