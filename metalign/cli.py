@@ -13,7 +13,7 @@ STAGES = {
     "metalign.download.cli": ("download",),
     "metalign.images.cli": ("manifest",),
     "metalign.embed.cli": ("extract", "embeddings-concat"),
-    "metalign.functions.cli": ("sae-train", "sae-import", "sae-encode", "functions-neurons", "functions-subset",
+    "metalign.functions.cli": ("sae-train", "sae-import", "sae-encode", "functions-neurons", "functions-subset", "functions-shuffle",
                                "functions-summary"),
     "metalign.train.cli": ("train", "encode", "icl-eval", "figure-curves", "figure-icl"),
     "metalign.behaviour.cli": ("evaluate-things", "evaluate-levels", "evaluate-category", "evaluate-reward",
@@ -26,7 +26,7 @@ STAGES = {
                                 "figure-downstream"),
     "metalign.results": ("collect-summaries",),
     "metalign.cost": ("cost",),
-    "metalign.demo.cli": ("demo-world", "demo-vit", "demo-behaviour", "demo-fmri", "demo-labelled"),
+    "metalign.demo.cli": ("demo-world", "demo-vit", "demo-behaviour", "demo-fmri", "demo-labelled", "demo-planted"),
 }
 COMMANDS = {command: module for module, commands in STAGES.items() for command in commands}
 

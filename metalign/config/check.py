@@ -14,9 +14,9 @@ from metalign.config.backbones import backbone_shape, is_demo_vit, output_dim
 from metalign.config.datasets import check_dataset
 from metalign.config.demo import validate_behaviour, validate_fmri, validate_labelled, validate_vit, validate_world
 from metalign.config.downstream import check_downstream
-from metalign.config.functions import resolve_function_sets
+from metalign.config.functions import DERIVED, resolve_function_sets
 from metalign.config.model import SEQUENCE_TYPES, TrainConfig
-from metalign.config.schema import ConfigError, variant_params
+from metalign.config.schema import ConfigError, variant_backbones, variant_params
 from metalign.download.items import check_download_references
 
 DEMO_SPECS = {"world": validate_world, "vit": validate_vit, "fmri": validate_fmri, "behaviour": validate_behaviour,
@@ -59,12 +59,14 @@ def check_references(config: Mapping[str, Any]) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     for name, fset in function_sets.items():
-        if fset.method != "subset":
+        if fset.method not in DERIVED:
             need(fset.source_backbone, backbones, f"function_sets.{name}.source.backbone", "backbone")
             need(fset.train_split, datasets, f"function_sets.{name}.train_split", "dataset")
             need(fset.eval_split, datasets, f"function_sets.{name}.eval_split", "dataset")
     for name, variant in config["variants"].items():
         need(variant["function_set"], config["function_sets"], f"variants.{name}.function_set", "function set")
+        for backbone in variant.get("backbones", []):
+            need(backbone, backbones, f"variants.{name}.backbones", "backbone")
         try:
             TrainConfig.from_dict(variant_params(config, name))
         except ValueError as err:
@@ -94,7 +96,7 @@ def check_sizes(config: Mapping[str, Any]) -> None:
     only after Snakemake has deleted its old outputs. Backbones of unknown size are skipped."""
     check_blocks(config)
     for name, entry in config["function_sets"].items():
-        if entry["method"] != "subset":
+        if entry["method"] not in DERIVED:
             check_source(config, name, entry)
     for name in config["variants"]:
         check_variant_widths(config, name)
@@ -125,8 +127,14 @@ def check_blocks(config: Mapping[str, Any]) -> None:
 def check_source(config: Mapping[str, Any], name: str, entry: Mapping[str, Any]) -> None:
     """A set's source output must be one its backbone extracts, and a trained SAE must have more latents than `k`."""
     backbone, output = entry["source"]["backbone"], entry["source"].get("output", "features")
-    extra = config["backbones"][backbone].get("extra_layers", [])
-    if output != "features" and int(output.removeprefix("layer_")) not in extra:
+    source_entry = config["backbones"][backbone]
+    if source_entry["source"] == "precomputed":
+        if output != "features" and output not in source_entry.get("extra_outputs", []):
+            raise ConfigError(f"function_sets.{name}.source.output: backbone {backbone!r} has no output {output!r}; "
+                              f"its extra_outputs are {source_entry.get('extra_outputs', [])}")
+        return
+    extra = source_entry.get("extra_layers", [])
+    if output != "features" and output not in [f"layer_{k}" for k in extra]:
         raise ConfigError(f"function_sets.{name}.source.output: backbone {backbone!r} has no output {output!r}; its "
                           f"extra_layers {extra} give {[f'layer_{k}' for k in extra]}")
     dim = output_dim(config, backbone, output)
@@ -140,10 +148,10 @@ def check_source(config: Mapping[str, Any], name: str, entry: Mapping[str, Any])
 
 
 def check_variant_widths(config: Mapping[str, Any], name: str) -> None:
-    """Every variant trains on every backbone: `hidden: null` takes each backbone's width, which the heads must split
+    """A variant trains on each of its backbones: `hidden: null` takes each backbone's width, which the heads must split
     into even head widths, and `no_embed` feeds the features straight into the core (hidden = that width)."""
     params = TrainConfig.from_dict(variant_params(config, name))
-    for backbone in config["backbones"]:
+    for backbone in variant_backbones(config, name):
         dim = output_dim(config, backbone)
         if dim is None:
             continue

@@ -6,10 +6,12 @@
     method: neurons     the dimensions of `source` features, median split (docs/methods.md §3)
     method: subset      a fraction of `parent`'s training functions, at random (`seed`) or at a `similarity` level;
                         the evaluation split keeps all of the parent's functions (identical validation/ICL episodes)
+    method: shuffle     `parent`'s functions with their rows permuted across images (`seed`): each function keeps its
+                        values but loses its image, the control with nothing to learn (docs/demo.md)
 
 `source` = {backbone, output}: the backbone's feature file and the dataset in it (`features`, the default, or a block
 output `layer_<k>` captured in the same forward pass). train, pretrained and neurons need source, train_split,
-eval_split and min_nonzero; a subset takes them from its parent chain. `resolve_function_sets` checks all of this
+eval_split and min_nonzero; a subset or shuffle takes them from its parent chain. `resolve_function_sets` checks all of this
 (and that parents exist without cycles) before any job runs.
 """
 
@@ -18,12 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-METHODS = ("train", "pretrained", "neurons", "subset")
+METHODS = ("train", "pretrained", "neurons", "subset", "shuffle")
+DERIVED = ("subset", "shuffle")  # methods made from a `parent` set's files
 _KEYS = {
     "train": ({"method", "source", "train_split", "eval_split", "min_nonzero", "sae"}, set()),
     "pretrained": ({"method", "source", "train_split", "eval_split", "min_nonzero", "sae"}, set()),
     "neurons": ({"method", "source", "train_split", "eval_split", "min_nonzero"}, set()),
     "subset": ({"method", "parent", "fraction"}, {"seed", "similarity"}),
+    "shuffle": ({"method", "parent", "seed"}, set()),
 }
 _SAE_KEYS = {"train": {"expansion", "k", "steps", "batch_size", "lr", "seed"}, "pretrained": {"weights"}}
 _SAE_OPTIONAL = {"train": set(), "pretrained": {"k", "repo", "revision", "requires"}}
@@ -34,7 +38,7 @@ LEVELS = ("low", "medium", "high")  # similarity levels of a subset (metalign.fu
 class FunctionSet:
     name: str
     method: str
-    root: str                 # the non-subset set whose arrays this set's files hold or link to
+    root: str                 # the non-derived set whose arrays this set's files hold, link to or permute
     source_backbone: str
     source_output: str        # dataset of the source feature file: `features` or an extra block output `layer_<k>`
     train_split: str
@@ -82,7 +86,7 @@ def resolve_function_sets(function_sets: Mapping[str, Mapping[str, Any]]) -> dic
     resolved: dict[str, FunctionSet] = {}
     for name in function_sets:
         chain, current = [name], name
-        while methods[current] == "subset":
+        while methods[current] in DERIVED:
             parent = function_sets[current]["parent"]
             if parent not in function_sets:
                 raise ValueError(f"function_sets.{current}.parent: unknown function set {parent!r}; "

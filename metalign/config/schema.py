@@ -12,6 +12,9 @@ import yaml
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
 
+NON_TRAIN_KEYS = ("function_set", "backbones")  # variant keys that choose what to train on, not how
+
+
 class ConfigError(ValueError):
     """A config value is wrong; the message names the key path."""
 
@@ -35,9 +38,15 @@ def _train_validator() -> jsonschema.protocols.Validator:
 
 def variant_params(config: Mapping[str, Any], variant: str) -> dict[str, Any]:
     """The `train` defaults overridden by the variant's own keys, validated as one `train` block."""
-    merged = {**config["train"], **{k: v for k, v in config["variants"][variant].items() if k != "function_set"}}
+    merged = {**config["train"], **{k: v for k, v in config["variants"][variant].items() if k not in NON_TRAIN_KEYS}}
     err = jsonschema.exceptions.best_match(_train_validator().iter_errors(merged))
     if err is not None:
         where = ".".join(str(p) for p in err.absolute_path)
         raise ConfigError(f"variants.{variant}.{where}: {err.message}")
     return merged
+
+
+def variant_backbones(config: Mapping[str, Any], variant: str) -> list[str]:
+    """The backbones a variant trains on, in config order: its `backbones` list, or every backbone."""
+    chosen = config["variants"][variant].get("backbones")
+    return [name for name in config["backbones"] if chosen is None or name in chosen]

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from metalign.demo import fmri, labelled, learning, world
+from metalign.demo import fmri, labelled, learning, planted, world
 
 
 def cmd_demo_world(args: argparse.Namespace) -> None:
@@ -38,6 +38,14 @@ def cmd_demo_labelled(args: argparse.Namespace) -> None:
     spec = json.loads(Path(args.world).read_text())["spec"]
     summary = labelled.generate_labelled(Path(args.out), json.loads(args.spec), int(spec["image_size"]))
     print(f"labelled demo sets in {args.out}: " + ", ".join(f"{k} {v}" for k, v in summary["counts"].items()))
+
+
+def cmd_demo_planted(args: argparse.Namespace) -> None:
+    summary = planted.generate(args.world, args.labelled, args.out, json.loads(args.spec))
+    expected = summary["expected"]
+    print(f"planted backbone table in {args.out}: {summary['n_images']} images, dims {summary['dims']}; zero-shot "
+          f"THINGS accuracy of the features {expected['zero_shot_features']:.3f}, of their factor part "
+          f"{expected['zero_shot_factors']:.3f}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -77,3 +85,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--spec", required=True, help="JSON spec (config `demo.labelled`)")
     parser.add_argument("--out", required=True, help="output folder (empty, or a previous labelled demo)")
     parser.set_defaults(func=cmd_demo_labelled)
+
+    parser = subparsers.add_parser("demo-planted", help="the planted backbone's feature table (factors under nuisance)",
+                                   description=planted.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world", required=True, type=Path, help="the demo world folder (demo-world --out)")
+    parser.add_argument("--labelled", type=Path, help="the labelled demo sets' folder (demo-labelled --out), if any")
+    parser.add_argument("--spec", required=True, help="JSON spec (config `demo.planted`)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.set_defaults(func=cmd_demo_planted)

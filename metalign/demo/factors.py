@@ -68,17 +68,34 @@ def dimension_labels() -> list[str]:
             + [f"texture:{t}" for t in TEXTURES] + ["texture:patterned", "size:small", "size:large"])
 
 
-def concept_features(concept: Concept) -> np.ndarray:
-    """Non-negative feature vector of one concept, one block per factor, scaled by the factor's weight."""
-    shape = np.eye(len(SHAPES))[SHAPES.index(concept.shape)] * WEIGHTS["shape"]
-    attributes = np.asarray(SHAPE_ATTRIBUTES[concept.shape]) * WEIGHTS["shape_attribute"]
+def factor_vector(shape: str | None, hue: float | None, texture: str | None, size: float | None) -> np.ndarray:
+    """Non-negative feature vector of one object, one block per factor, scaled by the factor's weight; an unknown
+    factor (None) leaves its block at zero."""
+    blocks = []
+    if shape is None:
+        blocks += [np.zeros(len(SHAPES)), np.zeros(2)]
+    else:
+        blocks += [np.eye(len(SHAPES))[SHAPES.index(shape)] * WEIGHTS["shape"],
+                   np.asarray(SHAPE_ATTRIBUTES[shape]) * WEIGHTS["shape_attribute"]]
     centres = np.arange(HUE_BASIS) / HUE_BASIS
-    hue = np.exp(HUE_KAPPA * (np.cos(2 * np.pi * (concept.hue - centres)) - 1)) * WEIGHTS["colour"]
-    texture = np.eye(len(TEXTURES))[TEXTURES.index(concept.texture)] * WEIGHTS["texture"]
-    patterned = np.asarray([concept.texture != "plain"], dtype=float) * WEIGHTS["patterned"]
-    largeness = (concept.size - SIZE_RANGE[0]) / (SIZE_RANGE[1] - SIZE_RANGE[0])
-    size = np.asarray([1 - largeness, largeness]) * WEIGHTS["size"]
-    return np.concatenate([shape, attributes, hue, texture, patterned, size])
+    blocks.append(np.zeros(HUE_BASIS) if hue is None else
+                  np.exp(HUE_KAPPA * (np.cos(2 * np.pi * (hue - centres)) - 1)) * WEIGHTS["colour"])
+    if texture is None:
+        blocks += [np.zeros(len(TEXTURES)), np.zeros(1)]
+    else:
+        blocks += [np.eye(len(TEXTURES))[TEXTURES.index(texture)] * WEIGHTS["texture"],
+                   np.asarray([texture != "plain"], dtype=float) * WEIGHTS["patterned"]]
+    if size is None:
+        blocks.append(np.zeros(2))
+    else:
+        largeness = np.clip((size - SIZE_RANGE[0]) / (SIZE_RANGE[1] - SIZE_RANGE[0]), 0.0, 1.0)
+        blocks.append(np.asarray([1 - largeness, largeness]) * WEIGHTS["size"])
+    return np.concatenate(blocks)
+
+
+def concept_features(concept: Concept) -> np.ndarray:
+    """The planted embedding row of one concept."""
+    return factor_vector(concept.shape, concept.hue, concept.texture, concept.size)
 
 
 def planted_embedding(concepts: list[Concept]) -> np.ndarray:

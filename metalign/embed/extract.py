@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from metalign.embed.backbones import EXTRACTION_CODE_VERSION, Backbone, cache_key, hubs_offline, load_backbone
+from metalign.embed.precomputed import extract_precomputed
 from metalign.images.manifest import ImageReader, load_verified_manifest
 from metalign.io import DataContractError, library_versions, manifest_hash, set_attrs
 from metalign.progress import progress
@@ -145,6 +146,9 @@ def extract(entry: dict[str, Any], manifest_path: str | Path, out: str | Path, b
     """Embed every manifest image with the backbone `entry`; `max_batches` stops early (tests of resume)."""
     out = Path(out)
     manifest = load_verified_manifest(manifest_path)
+    if entry.get("source") == "precomputed":  # a table, not a model: rows copied by image content
+        extract_precomputed(entry, manifest, manifest_path, out)
+        return
     ids = manifest["image_id"].tolist()
     dev = resolve_device(device)
     with hubs_offline():

@@ -14,6 +14,7 @@ import pandas as pd
 from metalign.functions.codes import read_codes, write_codes, write_neurons
 from metalign.functions.prisma import load_pretrained_sae
 from metalign.functions.sae import encode_topk, load_sae, save_sae, train_sae
+from metalign.functions.shuffle import write_shuffled
 from metalign.functions.subsets import LEVELS, choose, write_subset
 from metalign.io import DataContractError, read_h5, write_csv, write_json
 
@@ -67,6 +68,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     how.add_argument("--seed", type=int, help="random subset drawn with this seed")
     how.add_argument("--similarity", choices=LEVELS, help="subset with a low, medium or high mean pairwise similarity")
     subset.set_defaults(func=cmd_functions_subset)
+    shuffled = subparsers.add_parser("functions-shuffle", help="a function file with its rows permuted across images")
+    shuffled.add_argument("--parent", type=Path, required=True, help="function file to permute")
+    shuffled.add_argument("--out", type=Path, required=True)
+    shuffled.add_argument("--seed", type=int, required=True)
+    shuffled.add_argument("--split", required=True, help="the split's name: each split gets its own permutation")
+    shuffled.set_defaults(func=cmd_functions_shuffle)
 
     summary = subparsers.add_parser("functions-summary", help="one CSV row per function file (size, achieved similarity)")
     summary.add_argument("--inputs", type=Path, nargs="+", required=True, help="files functions/<set>/<split>.h5")
@@ -153,11 +160,15 @@ def cmd_functions_subset(args: argparse.Namespace) -> None:
     write_subset(args.parent, args.out, positions, record)
 
 
+def cmd_functions_shuffle(args: argparse.Namespace) -> None:
+    write_shuffled(args.parent, args.out, args.seed, args.split)
+
+
 def cmd_functions_summary(args: argparse.Namespace) -> None:
     rows = []
     for path in args.inputs:
         codes = read_codes(path)
-        record = codes.attrs.get("subset", {})
+        record = codes.attrs.get("subset") or codes.attrs.get("shuffle") or {}
         rows.append({"function_set": path.parent.name, "split": path.stem, "kind": codes.kind,
                      "n_functions": codes.n_functions, "n_columns": codes.attrs.get("n_columns"),
                      "n_rows": codes.n_rows, "mean_nnz": float(codes.nnz.mean()),

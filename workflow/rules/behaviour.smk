@@ -27,7 +27,7 @@ rule things_ooo:
 
 rule things_ooo_table:
     input:
-        expand(f"{R}/alignment/things_ooo/{{backbone}}/{{variant}}.json", backbone=BACKBONES, variant=REPRESENTATIONS),
+        per_pair(f"{R}/alignment/things_ooo/{{backbone}}/{{variant}}.json"),
     output:
         f"{R}/alignment/things_ooo.csv",
     log:
@@ -165,9 +165,7 @@ if REWARD:
 
 rule behaviour_stats:
     input:
-        trials=lambda wc: expand(
-            f"{R}/alignment/{wc.bench}/{{backbone}}/{{variant}}.parquet", backbone=BACKBONES, variant=REPRESENTATIONS
-        ),
+        trials=lambda wc: per_pair(f"{R}/alignment/{wc.bench}/{{backbone}}/{{variant}}.parquet"),
         ceiling=lambda wc: f"{R}/alignment/noise_ceiling/{CEILINGS[wc.bench]}.json" if wc.bench in CEILINGS else [],
     output:
         f"{R}/alignment/{{bench}}_stats.csv",
@@ -191,9 +189,7 @@ rule behaviour_stats:
 
 rule behaviour_table:
     input:
-        lambda wc: expand(
-            f"{R}/alignment/{wc.table}/{{backbone}}/{{variant}}.json", backbone=BACKBONES, variant=REPRESENTATIONS
-        ),
+        lambda wc: per_pair(f"{R}/alignment/{wc.table}/{{backbone}}/{{variant}}.json"),
     output:
         f"{R}/alignment/{{table}}.csv",
     log:
@@ -246,7 +242,7 @@ if GEOMETRY:
     rule figure_tsne:
         input:
             base=f"{R}/embeddings/{GEOMETRY['dataset']}/{{backbone}}.h5",
-            meta=f"{R}/representations/{GEOMETRY['dataset']}/{{backbone}}/{REFERENCE}.h5",
+            meta=lambda wc: f"{R}/representations/{GEOMETRY['dataset']}/{wc.backbone}/{shown_variant(wc.backbone, REFERENCE)}.h5",
             manifest=f"{R}/manifests/{GEOMETRY['dataset']}.csv",
             unique_ids=config["datasets"][GEOMETRY["dataset"]]["unique_ids"],
             metadata=GEOMETRY["metadata"],
@@ -262,7 +258,7 @@ if GEOMETRY:
         params:
             code=code_hash("figure-tsne"),
             colour=GEOMETRY["tsne_colour"],
-            reference=REFERENCE,
+            reference=lambda wc: shown_variant(wc.backbone, REFERENCE),
             id_column=GEOMETRY.get("id_column", "uniqueID"),
             seed=GEOMETRY["seed"],
         shell:
@@ -294,4 +290,4 @@ rule behaviour_all:
         expand(f"{R}/figures/{{bench}}_r2.png", bench=BEHAVIOUR),
         expand(f"{R}/alignment/{{table}}.csv", table=TABLES),
         [f"{R}/figures/geometry.png"] if GEOMETRY else [],
-        expand(f"{R}/figures/tsne/{{backbone}}.png", backbone=BACKBONES) if GEOMETRY and REFERENCE in ENCODED else [],
+        expand(f"{R}/figures/tsne/{{backbone}}.png", backbone=shown_backbones(REFERENCE)) if GEOMETRY else [],

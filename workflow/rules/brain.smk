@@ -39,7 +39,7 @@ if "things_fmri" in BRAIN:
                 "things_fmri",
                 BRAIN["things_fmri"]["schemes"][:1],
                 [wc.backbone],
-                [BRAIN["things_fmri"]["figure_variant"]],
+                [shown_variant(wc.backbone, BRAIN["things_fmri"]["figure_variant"])],
             ),
             masks=lambda wc: BRAIN["things_fmri"].get("requires")
             or [BRAIN["things_fmri"]["masks"].format(subject=s) for s in BRAIN["things_fmri"]["subjects"]],
@@ -54,7 +54,7 @@ if "things_fmri" in BRAIN:
         params:
             code=code_hash("figure-brain-volume"),
             masks=[BRAIN["things_fmri"]["masks"].format(subject=s) for s in BRAIN["things_fmri"]["subjects"]],
-            variant=BRAIN["things_fmri"]["figure_variant"],
+            variant=lambda wc: shown_variant(wc.backbone, BRAIN["things_fmri"]["figure_variant"]),
         shell:
             "python3 -m metalign figure-brain-volume --base {input.base} --meta {input.meta} --masks {params.masks}"
             " --label {params.variant}"

@@ -8,7 +8,7 @@ import sys
 
 from metalign.config.functions import members, resolve_function_sets
 from metalign.config.model import has_representation
-from metalign.config.schema import variant_params
+from metalign.config.schema import variant_backbones, variant_params
 from metalign.codehash import code_hash
 
 R = config["results"]
@@ -19,8 +19,35 @@ ENCODED = [
     v for v in VARIANTS if has_representation(variant_params(config, v))
 ]  # noemb: no encode() (docs/methods.md §8)
 REPRESENTATIONS = ["base"] + ENCODED
+TRAINED_ON = {v: variant_backbones(config, v) for v in VARIANTS}  # a variant's `backbones` (default: all)
 # Jobs call `python3 -m metalign …` with this interpreter first on PATH: the shell commands name no machine path.
 os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+
+
+def runs(backbone: str, variant: str) -> bool:
+    """Whether (backbone, variant) exists: "base" on every backbone, a variant on its `backbones`."""
+    return variant == "base" or backbone in TRAINED_ON[variant]
+
+
+def per_pair(pattern: str, variants=None, backbones=None, **wildcards) -> list[str]:
+    """`pattern` over every existing (backbone, variant) pair, backbones outermost; other wildcards as `expand`."""
+    pairs = [(b, v) for b in backbones or BACKBONES for v in variants or REPRESENTATIONS if runs(b, v)]
+    return [
+        path for b, v in pairs for path in expand(pattern.replace("{backbone}", b).replace("{variant}", v), **wildcards)
+    ]
+
+
+def shown_variant(backbone: str, preferred: str):
+    """The variant a per-backbone figure compares with base: `preferred` where it runs, else the backbone's first
+    (None: the backbone has no representation to show)."""
+    if runs(backbone, preferred) and preferred in ENCODED:
+        return preferred
+    return next((v for v in ENCODED if runs(backbone, v)), None)
+
+
+def shown_backbones(preferred: str) -> list[str]:
+    """Backbones with a representation to compare with base in a per-backbone figure."""
+    return [b for b in BACKBONES if shown_variant(b, preferred) is not None]
 
 
 def as_json(value) -> str:
@@ -129,13 +156,16 @@ def _brain_subjects(bench: str) -> list[str]:
 def _brain_encodings(bench: str, schemes=None, backbones=None, variants=None) -> list[str]:
     """Encoding files, subjects innermost (the order figure-brain-volume pairs them in)."""
     cfg = BRAIN[bench]
-    return expand(
-        f"{R}/brain/{bench}/{{scheme}}/{{backbone}}/{{variant}}/{{subject}}.h5",
-        scheme=schemes or cfg["schemes"],
-        backbone=backbones or BACKBONES,
-        variant=variants or REPRESENTATIONS,
-        subject=_brain_subjects(bench),
-    )
+    return [
+        path
+        for scheme in schemes or cfg["schemes"]
+        for path in per_pair(
+            f"{R}/brain/{bench}/{scheme}/{{backbone}}/{{variant}}/{{subject}}.h5",
+            variants,
+            backbones,
+            subject=_brain_subjects(bench),
+        )
+    ]
 
 
 def _brain_targets() -> list[str]:
@@ -144,7 +174,10 @@ def _brain_targets() -> list[str]:
         out += [f"{R}/brain/{bench}_{kind}.csv" for kind in ("folds", "stats", "alphas")]
         out += [f"{R}/figures/brain/{bench}_rois_{scheme}.png" for scheme in cfg["schemes"]]
     if "things_fmri" in BRAIN:
-        out += expand(f"{R}/figures/brain/things_fmri_volume_{{backbone}}.png", backbone=BACKBONES)
+        out += expand(
+            f"{R}/figures/brain/things_fmri_volume_{{backbone}}.png",
+            backbone=shown_backbones(BRAIN["things_fmri"]["figure_variant"]),
+        )
     return out
 
 

@@ -86,3 +86,23 @@ if "labelled" in config["demo"]:
         shell:
             "python3 -m metalign demo-labelled --world {input} --spec {params.spec} --out $(dirname {output.summary})"
             " 2> {log}"
+
+
+if "planted" in config["demo"]:
+
+    rule demo_planted:
+        input:
+            world=f"{RES}/world/world.json",
+            labelled=[f"{RES}/labelled/labelled.json"] if "labelled" in config["demo"] else [],
+        output:
+            table=f"{RES}/planted/features.h5",
+            summary=f"{RES}/planted/planted.json",
+        log:
+            f"{R}/logs/demo_planted.log",
+        params:
+            code=code_hash("demo-planted"),
+            spec=as_json(config["demo"]["planted"]),
+            labelled=lambda wc, input: f"--labelled $(dirname {input.labelled[0]})" if input.labelled else "",
+        shell:
+            "python3 -m metalign demo-planted --world $(dirname {input.world}) {params.labelled} --spec {params.spec}"
+            " --out $(dirname {output.table}) 2> {log}"

@@ -31,12 +31,7 @@ if "fewshot" in DS:
 
     rule downstream_fewshot_table:
         input:
-            expand(
-                f"{R}/downstream/fewshot/{{task}}/{{backbone}}/{{variant}}.json",
-                task=list(FEWSHOT["tasks"]),
-                backbone=BACKBONES,
-                variant=REPRESENTATIONS,
-            ),
+            per_pair(f"{R}/downstream/fewshot/{{task}}/{{backbone}}/{{variant}}.json", task=list(FEWSHOT["tasks"])),
         output:
             f"{R}/downstream/fewshot.csv",
         log:
@@ -145,9 +140,7 @@ if "shape_bias" in DS:
 
 rule downstream_table:
     input:
-        lambda wc: expand(
-            f"{R}/downstream/{wc.table}/{{backbone}}/{{variant}}.json", backbone=BACKBONES, variant=REPRESENTATIONS
-        ),
+        lambda wc: per_pair(f"{R}/downstream/{wc.table}/{{backbone}}/{{variant}}.json"),
     output:
         f"{R}/downstream/{{table}}.csv",
     log:

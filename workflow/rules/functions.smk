@@ -99,6 +99,23 @@ rule functions_subset:
         "python3 -m metalign functions-subset --parent {input} --out {output} {params.how} 2> {log}"
 
 
+rule functions_shuffle:
+    input:
+        lambda wc: f"{R}/functions/{_fs(wc).parent}/{wc.split}.h5",
+    output:
+        f"{R}/functions/{{fset}}/{{split}}.h5",
+    log:
+        f"{R}/logs/functions/{{fset}}/{{split}}.log",
+    wildcard_constraints:
+        fset=_sets("shuffle"),
+    params:
+        code=code_hash("functions-shuffle"),
+        seed=lambda wc: _fs(wc).entry["seed"],
+    shell:
+        "python3 -m metalign functions-shuffle --parent {input} --out {output} --seed {params.seed} --split {wildcards.split}"
+        " 2> {log}"
+
+
 rule functions_summary:
     input:
         [f"{R}/functions/{name}/{split}.h5" for name, fset in FSETS.items() for split in fset.splits],

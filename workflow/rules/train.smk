@@ -60,7 +60,7 @@ rule icl_eval:
 
 rule figure_icl:
     input:
-        expand(f"{R}/icl/{{backbone}}/{{variant}}.h5", backbone=BACKBONES, variant=ICL["variants"]),
+        per_pair(f"{R}/icl/{{backbone}}/{{variant}}.h5", ICL["variants"]),
     output:
         report(f"{R}/figures/icl.png", caption="../report/icl.rst", category="Training"),
     log:
@@ -73,7 +73,7 @@ rule figure_icl:
 
 rule figure_learning_curves:
     input:
-        expand(f"{R}/checkpoints/{{backbone}}/{{variant}}.metrics.csv", backbone=BACKBONES, variant=VARIANTS),
+        per_pair(f"{R}/checkpoints/{{backbone}}/{{variant}}.metrics.csv", VARIANTS),
     output:
         report(f"{R}/figures/learning_curves.png", caption="../report/learning_curves.rst", category="Training"),
     log:

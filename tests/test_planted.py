@@ -1,0 +1,213 @@
+"""The planted mechanism's parts: the demo's planted feature table, the precomputed-features backbone that reads it,
+shuffled function sets, and variants restricted to some backbones (docs/demo.md)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from metalign.config.check import check
+from metalign.config.schema import ConfigError, variant_backbones
+from metalign.demo.planted import generate
+from metalign.demo.world import generate_world
+from metalign.embed.extract import extract
+from metalign.functions.codes import read_codes, write_codes
+from metalign.functions.shuffle import write_shuffled
+from metalign.io import DataContractError
+from tests.conftest import REPO
+
+WORLD = {"seed": 3, "n_concepts": 12, "images_per_concept": 2, "image_size": 32, "n_participants": 10,
+         "triplets_per_participant": 40, "repeat_fraction": 0.1, "temperature": 0.15, "coco_train": 30, "coco_val": 10}
+PLANTED = {"seed": 7, "nuisance_dim": 64, "nuisance_sd": 0.4}  # as config/demo.yaml
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("planted")
+    generate_world(root / "world", WORLD)
+    return root, generate(root / "world", None, root / "planted", PLANTED)
+
+
+def _table(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as handle:
+        return {name: handle[name][:] for name in handle}
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_things_rows_carry_their_concepts_planted_embedding(planted):
+    root, summary = planted
+    table = _table(root / "planted" / "features.h5")
+    row = {key.decode(): n for n, key in enumerate(table["sha256"])}
+    things = root / "world" / "things"
+    embedding = np.loadtxt(next(things.glob("spose_embedding_*d_sorted.txt")))
+    concepts = (things / "unique_id.txt").read_text().split()
+    images = sorted((things / "images").rglob("*.jpg"))
+    assert summary["n_images"] == len(images) + WORLD["coco_train"] + WORLD["coco_val"] == len(row)
+    for image in images:
+        # the embedding file holds 6 decimals; the table float32
+        assert np.allclose(table["factors"][row[_sha(image)]], embedding[concepts.index(image.parent.name)], atol=1e-5)
+
+
+def test_features_are_a_rotation_of_factors_and_nuisance(planted):
+    root, _ = planted
+    table = _table(root / "planted" / "features.h5")
+    x, f, n = (table[k].astype(np.float64) for k in ("features", "factors", "nuisance"))
+    assert x.shape[1] == f.shape[1] + n.shape[1] == 23 + PLANTED["nuisance_dim"]
+    # an orthogonal map keeps every inner product: the Gram matrix of x is that of [f ; n]
+    joined = np.hstack([f, n])
+    assert np.allclose(x @ x.T, joined @ joined.T, atol=1e-4)
+    assert not np.allclose(np.abs(x[:, :23]), np.abs(f), atol=0.05)  # and the parts are not on the axes
+    sd, size = PLANTED["nuisance_sd"], n.size  # i.i.d. N(0, sd²): 4-standard-error bounds on the mean and the sd
+    assert abs(n.mean()) < 4 * sd / np.sqrt(size) and abs(n.std() - sd) < 4 * sd / np.sqrt(2 * size)
+    assert n.var(axis=0).sum() > 2 * f.var(axis=0).sum()  # the nuisance dominates the variance across images
+
+
+def test_expected_effect_is_the_zero_shot_accuracy_of_each_part(planted):
+    """Independent reference: cosine odd-one-out on the first image of each concept, by hand."""
+    root, summary = planted
+    table = _table(root / "planted" / "features.h5")
+    row = {key.decode(): n for n, key in enumerate(table["sha256"])}
+    things = root / "world" / "things"
+    concepts = (things / "unique_id.txt").read_text().split()
+    first = [min((things / "images" / c).glob("*.jpg")) for c in concepts]
+    triplets = pd.read_csv(things / "triplets.tsv", sep="\t")
+    for part in ("features", "factors", "nuisance"):
+        emb = table[part][[row[_sha(p)] for p in first]].astype(np.float64)
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        correct = []
+        for t in triplets.itertuples():
+            i, j, k = t.image1 - 1, t.image2 - 1, t.image3 - 1
+            sims = [emb[j] @ emb[k], emb[i] @ emb[k], emb[i] @ emb[j]]
+            correct.append(int(np.argmax(sims)) == t.choice - 1)
+        assert summary["expected"][f"zero_shot_{part}"] == pytest.approx(np.mean(correct))
+    assert summary["expected"]["zero_shot_factors"] > summary["expected"]["zero_shot_features"] + 0.1
+
+
+def test_same_spec_same_table_and_seed_changes_it(planted, tmp_path):
+    root, _ = planted
+    generate(root / "world", None, tmp_path / "again", PLANTED)
+    a, b = _table(root / "planted" / "features.h5"), _table(tmp_path / "again" / "features.h5")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    generate(root / "world", None, tmp_path / "other", {**PLANTED, "seed": 8})
+    assert not np.allclose(_table(tmp_path / "other" / "features.h5")["nuisance"], a["nuisance"])
+
+
+# ----------------------------------------------------------------------------------------------- precomputed
+
+
+def _images(folder: Path, n: int) -> pd.DataFrame:
+    rows = []
+    for i in range(n):
+        path = folder / f"img{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (i * 40, 10, 200 - i * 30)).save(path)
+        rows.append({"image_id": f"img{i}.png", "path": str(path), "label": "x", "split": "test"})
+    return pd.DataFrame(rows)
+
+
+def _write_table(path: Path, keys: list[str], features: np.ndarray, extra: dict[str, np.ndarray]) -> None:
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("sha256", data=np.asarray([k.encode() for k in keys]))
+        handle.create_dataset("features", data=features)
+        for name, array in extra.items():
+            handle.create_dataset(name, data=array)
+
+
+def test_precomputed_backbone_copies_rows_by_image_content(tmp_path):
+    manifest = _images(tmp_path / "images", 4)
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    keys = [_sha(Path(p)) for p in manifest["path"]]
+    order = [2, 0, 3, 1]  # the table's rows in another order, plus a row no image uses
+    features = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+    parts = np.arange(5 * 2, dtype=np.float32).reshape(5, 2) + 100
+    _write_table(tmp_path / "table.h5", [keys[i] for i in order] + ["0" * 64], features, {"parts": parts})
+    entry = {"name": "pre", "source": "precomputed", "id": str(tmp_path / "table.h5"), "extra_outputs": ["parts"]}
+    extract(entry, tmp_path / "manifest.csv", tmp_path / "out.h5")
+    with h5py.File(tmp_path / "out.h5", "r") as handle:
+        assert [i.decode() for i in handle["ids"][:]] == manifest["image_id"].tolist()
+        where = [order.index(i) for i in range(4)]
+        assert np.array_equal(handle["features"][:], features[where])
+        assert np.array_equal(handle["parts"][:], parts[where])
+        assert handle.attrs["source"] == "precomputed" and handle.attrs["backbone"] == "pre"
+
+
+def test_precomputed_backbone_names_a_missing_image_and_a_missing_dataset(tmp_path):
+    manifest = _images(tmp_path / "images", 3)
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    keys = [_sha(Path(p)) for p in manifest["path"]]
+    _write_table(tmp_path / "table.h5", keys[:2], np.zeros((2, 3), np.float32), {})
+    entry = {"name": "pre", "source": "precomputed", "id": str(tmp_path / "table.h5")}
+    with pytest.raises(DataContractError, match=r"img2\.png"):
+        extract(entry, tmp_path / "manifest.csv", tmp_path / "out.h5")
+    with pytest.raises(DataContractError, match=r"no dataset\(s\) \['parts'\]"):
+        extract({**entry, "extra_outputs": ["parts"]}, tmp_path / "manifest.csv", tmp_path / "out.h5")
+    assert not (tmp_path / "out.h5").exists()
+
+
+# ----------------------------------------------------------------------------------------------- shuffle
+
+
+def test_shuffled_functions_keep_their_values_but_lose_their_images(tmp_path):
+    rng = np.random.default_rng(0)
+    n, k, d_sae = 200, 3, 12
+    indices = np.sort(np.stack([rng.choice(d_sae, k, replace=False) for _ in range(n)]), axis=1)
+    values = rng.random((n, k)).astype(np.float32) + 0.1
+    ids = [f"im{i}" for i in range(n)]
+    write_codes(tmp_path / "parent.h5", ids, indices, values, d_sae, min_nonzero=5, sl=8, provenance={})
+    order = write_shuffled(tmp_path / "parent.h5", tmp_path / "train.h5", seed=1, split="train")
+    parent, shuffled = read_codes(tmp_path / "parent.h5"), read_codes(tmp_path / "train.h5")
+    assert shuffled.ids == parent.ids  # aligned with the same feature rows
+    assert np.array_equal(shuffled.indices, parent.indices[order])
+    assert np.array_equal(shuffled.values, parent.values[order])
+    for key in ("latent_id", "nnz", "mean", "std"):
+        assert np.array_equal(getattr(shuffled, key), getattr(parent, key))
+    assert (order != np.arange(n)).mean() > 0.9
+    again = write_shuffled(tmp_path / "parent.h5", tmp_path / "again.h5", seed=1, split="train")
+    other = write_shuffled(tmp_path / "parent.h5", tmp_path / "val.h5", seed=1, split="val")
+    assert np.array_equal(again, order) and not np.array_equal(other, order)
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@pytest.fixture
+def demo_config() -> dict:
+    return yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+
+
+def test_variants_train_on_their_backbones_only(demo_config):
+    assert variant_backbones(demo_config, "planted") == ["planted"]
+    assert variant_backbones(demo_config, "main") == ["vit_tiny", "effnet_lite0"]
+    config = copy.deepcopy(demo_config)
+    del config["variants"]["main"]["backbones"]
+    assert variant_backbones(config, "main") == list(config["backbones"])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["variants"]["planted"].update(backbones=["plantd"]), r"variants\.planted\.backbones: unknown backbone"),
+    (lambda c: c["function_sets"]["planted"]["source"].update(output="factorz"),
+     r"function_sets\.planted\.source\.output: backbone 'planted' has no output 'factorz'"),
+    (lambda c: c["function_sets"]["shuffled"].update(parent="nope"), r"function_sets\.shuffled\.parent: unknown"),
+    (lambda c: c["function_sets"]["shuffled"].pop("seed"), r"function_sets\.shuffled: method 'shuffle' needs"),
+])
+def test_planted_config_errors_name_the_key(demo_config, edit, message):
+    edit(demo_config)
+    with pytest.raises(ConfigError, match=message):
+        check(demo_config)
+
+
+def test_demo_summary_json_is_readable(planted):
+    root, summary = planted
+    assert json.loads((root / "planted" / "planted.json").read_text())["expected"] == summary["expected"]
