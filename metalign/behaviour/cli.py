@@ -159,7 +159,7 @@ def cmd_noise_ceiling(args: argparse.Namespace) -> None:
 def cmd_figure_things(args: argparse.Namespace) -> None:
     from metalign.behaviour.figures import things_figure  # matplotlib only for the jobs that draw
 
-    things_figure(pd.read_csv(args.table), args.out)
+    things_figure(pd.read_csv(args.table), args.out, None if args.stats is None else pd.read_csv(args.stats))
 
 
 def cmd_figure_behaviour(args: argparse.Namespace) -> None:
@@ -283,6 +283,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         figure = subparsers.add_parser(name, help=help_text)
         figure.add_argument("--table", required=True, type=Path, help=f"alignment/{table}.csv")
         figure.add_argument("--out", required=True, type=Path, help="the figure (PNG)")
+        if name == "figure-things":
+            figure.add_argument("--stats", type=Path, help="alignment/things_ooo_stats.csv: adds the McFadden R² "
+                                                           "panel (across participants, with the noise ceiling)")
         figure.set_defaults(func=handler)
     fig_behaviour = subparsers.add_parser("figure-behaviour", help="pseudo-R² bars with PXP from a *_stats.csv table")
     fig_behaviour.add_argument("--stats", required=True, type=Path, help="alignment/<benchmark>_stats.csv")

@@ -1,4 +1,5 @@
-"""Brain figures: ROI bars (base vs meta-learned, FDR stars) and meta − base R² on the subject's volume (nilearn).
+"""Brain figures: ROI points (base vs meta-learned, filled where FDR-significant) and meta − base R² on the subject's
+volume (nilearn). `draw_rois` returns the Figure (its artists are what was plotted), `roi_figure` saves it.
 
 nilearn is imported only here, lazily, and is always given the subject's own brain mask as background, so no
 template or atlas is ever fetched.
@@ -16,8 +17,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from metalign.io import DataContractError, atomic_path  # noqa: E402
+from metalign.plotting import BASE, grouped_points, outside_legend, panel_width, style_handles, styles  # noqa: E402
 
 
 def _save(fig: plt.Figure, out: str | os.PathLike) -> None:
@@ -26,40 +30,40 @@ def _save(fig: plt.Figure, out: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def roi_figure(folds: pd.DataFrame, stats: pd.DataFrame, out: str | os.PathLike, title: str,
-               roi_order: Sequence[str] = ()) -> None:
-    """One panel per backbone: bars per ROI for base and each variant (mean over subjects of the fold mean of
-    noise-ceiling-normalised R²; error bars: SEM over subjects), stars = BH-FDR q of variant − base."""
+def draw_rois(folds: pd.DataFrame, stats: pd.DataFrame, title: str, roi_order: Sequence[str] = ()) -> Figure:
+    """One panel per backbone: per ROI, base and each variant as the mean over subjects of the fold mean of
+    noise-ceiling-normalised R², whiskers ± 1 SEM over subjects; a variant's point is filled where its difference to
+    base is marked (BH-FDR q < .05, `stars`), hollow otherwise. Every variant has its own colour and marker and the
+    legend sits outside the axes, so 23 variants × 12 ROIs stay apart."""
     per_subject = folds.groupby(["backbone", "variant", "subject", "roi"])["value"].mean().reset_index()
     summary = per_subject.groupby(["backbone", "variant", "roi"])["value"].agg(["mean", "sem"]).reset_index()
     present = set(stats["roi"]) if len(stats) else set(summary["roi"])
     rois = [r for r in roi_order if r in present] + sorted(present - set(roi_order))
     backbones = sorted(summary["backbone"].unique())
-    variants = ["base"] + sorted(v for v in summary["variant"].unique() if v != "base")
-    width = 0.8 / len(variants)
-    size = (float(np.clip(0.55 * len(rois) * len(variants) + 2, 6.0, 24.0)), 3.0 * len(backbones))
-    fig, axes = plt.subplots(len(backbones), 1, figsize=size, squeeze=False, layout="constrained")
+    style = styles(summary["variant"])
+    marked = stats.loc[stats["stars"].astype(str) != "", ["backbone", "variant", "roi"]].assign(marked=True)
+    summary = summary.merge(marked, on=["backbone", "variant", "roi"], how="left")
+    summary["filled"] = (summary["variant"] == BASE) | summary["marked"].eq(True)
+    sem = summary["sem"].fillna(0.0)
+    points = summary.assign(group=summary["roi"], member=summary["variant"], value=summary["mean"],
+                            low=summary["mean"] - sem, high=summary["mean"] + sem)
+    size = (panel_width(len(rois), len(style)) + 2.0, 2.6 * len(backbones) + 0.8)
+    fig, axes = plt.subplots(len(backbones), 1, figsize=size, squeeze=False, sharex=True, layout="constrained")
     for ax, backbone in zip(axes[:, 0], backbones):
-        for k, variant in enumerate(variants):
-            rows = summary[(summary["backbone"] == backbone) & (summary["variant"] == variant)].set_index("roi")
-            rows = rows.reindex(rois)
-            x = np.arange(len(rois)) - 0.4 + (k + 0.5) * width
-            sem = rows["sem"].fillna(0.0).to_numpy()
-            ax.bar(x, rows["mean"], width, yerr=sem, label=variant, capsize=2)
-            if variant == "base":
-                continue
-            marks = stats[(stats["backbone"] == backbone) & (stats["variant"] == variant)].set_index("roi")
-            for xi, roi, top in zip(x, rois, rows["mean"].to_numpy() + sem):
-                mark = marks["stars"].get(roi, "") if len(marks) else ""
-                if isinstance(mark, str) and mark and np.isfinite(top):
-                    ax.text(xi, max(top, 0.0), mark, ha="center", va="bottom", fontsize=8)
+        grouped_points(ax, points[points["backbone"] == backbone], rois, style)
         ax.axhline(0.0, color="grey", linewidth=0.8)
-        ax.set_xticks(np.arange(len(rois)), rois, rotation=30)
-        ax.set_ylabel("R² / noise ceiling")
+        ax.set_ylabel("R² / noise ceiling", fontsize=8)
         ax.set_title(backbone, fontsize=10)
-    axes[0, 0].legend(frameon=False, fontsize=8, ncol=min(len(variants), 5))
+    explain = [Line2D([], [], color="0.3", marker="o", linestyle="none", label="vs base: q < .05"),
+               Line2D([], [], color="0.3", marker="o", mfc="white", linestyle="none", label="vs base: n.s.")]
+    outside_legend(fig, style_handles(style) + explain, "representation")
     fig.suptitle(title)
-    _save(fig, out)
+    return fig
+
+
+def roi_figure(folds: pd.DataFrame, stats: pd.DataFrame, out: str | os.PathLike, title: str,
+               roi_order: Sequence[str] = ()) -> None:
+    _save(draw_rois(folds, stats, title, roi_order), out)
 
 
 def volume_image(values: np.ndarray, xyz: np.ndarray, mask_path: str | os.PathLike):

@@ -1,7 +1,8 @@
 """Alignment gain against downstream change: does making a representation more human-aligned cost or help?
 
 x: THINGS odd-one-out zero-shot accuracy, meta − base of the same backbone (alignment/things_ooo.csv);
-y: the downstream metric, meta − base of the same backbone; one point per backbone × variant.
+y: the downstream metric, meta − base of the same backbone; one point per backbone × variant, coloured by variant and
+shaped by backbone. `draw_gain` returns the Figure (its artists are what was plotted), `gain_figure` saves it.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from metalign.io import DataContractError, atomic_path  # noqa: E402
+from metalign.plotting import MARKERS, outside_legend, styles  # noqa: E402
 
 ALIGNMENT_METRIC = "zero_shot_acc"
 # table (file stem) → (column pattern, axis label)
@@ -50,32 +54,45 @@ def _panels(tables: dict[str, pd.DataFrame]) -> list[tuple[str, str, str]]:
     return found
 
 
-def gain_figure(alignment: pd.DataFrame, tables: dict[str, pd.DataFrame], out: str | Path) -> None:
+def draw_gain(alignment: pd.DataFrame, tables: dict[str, pd.DataFrame]) -> Figure:
+    """One panel per downstream metric: a point per backbone × variant at (Δ alignment, Δ metric); colour = variant
+    (each its own), marker = backbone, one legend outside the panels (no per-point labels, which at 7 × 22 points
+    cover each other and the data). Each backbone's points are one scatter with gid = the backbone."""
     panels = _panels(tables)
     if not panels:
         raise DataContractError(f"no downstream metric to plot in tables {sorted(tables)}")
     gain = meta_minus_base(alignment, ALIGNMENT_METRIC, "alignment table").set_index(["backbone", "variant"])
     n_cols = min(4, len(panels))
     n_rows = int(np.ceil(len(panels) / n_cols))
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.6 * n_cols, 3.2 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.6 * n_cols + 2.4, 3.2 * n_rows), squeeze=False,
+                             layout="constrained")
     backbones = sorted(alignment["backbone"].unique())
-    colours = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(backbones)}
+    colours = {name: colour for name, (colour, _) in styles(alignment.loc[alignment["representation"] == "meta",
+                                                                          "variant"]).items()}
+    markers = {backbone: MARKERS[i % len(MARKERS)] for i, backbone in enumerate(backbones)}
     for ax, (stem, column, label) in zip(axes.flat, panels):
         change = meta_minus_base(tables[stem], column, stem).set_index(["backbone", "variant"])
-        joined = gain.merge(change, left_index=True, right_index=True, suffixes=("_x", "_y"))
-        for (backbone, variant), row in joined.iterrows():
-            ax.scatter(row["delta_x"], row["delta_y"], color=colours.get(backbone, "k"), s=30)
-            ax.annotate(f"{backbone}/{variant}", (row["delta_x"], row["delta_y"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-        ax.margins(0.25)  # room for the point labels
+        joined = gain.merge(change, left_index=True, right_index=True, suffixes=("_x", "_y")).reset_index()
+        for backbone, part in joined.groupby("backbone", sort=True):
+            ax.scatter(part["delta_x"], part["delta_y"], c=[colours[v] for v in part["variant"]],
+                       marker=markers[backbone], s=28, edgecolors="none", gid=backbone)
+        ax.margins(0.1)
         ax.axhline(0, color="grey", linewidth=0.8, linestyle="--")
         ax.axvline(0, color="grey", linewidth=0.8, linestyle="--")
         ax.set_xlabel("Δ THINGS zero-shot acc. (meta − base)")
         ax.set_ylabel(f"Δ {label}")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
+    handles = [Line2D([], [], color=colour, marker="o", linestyle="none", label=name) for name, colour in colours.items()]
+    handles += [Line2D([], [], color="0.3", marker=marker, linestyle="none", label=f"backbone {backbone}")
+                for backbone, marker in markers.items()]
+    outside_legend(fig, handles, "variant (colour), backbone (marker)")
     fig.suptitle("Alignment gain vs downstream change per backbone")
-    fig.tight_layout()
+    return fig
+
+
+def gain_figure(alignment: pd.DataFrame, tables: dict[str, pd.DataFrame], out: str | Path) -> None:
+    fig = draw_gain(alignment, tables)
     with atomic_path(out, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     plt.close(fig)

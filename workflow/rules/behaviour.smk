@@ -29,7 +29,12 @@ rule things_ooo_table:
     input:
         per_pair(f"{R}/alignment/things_ooo/{{backbone}}/{{variant}}.json"),
     output:
-        f"{R}/alignment/things_ooo.csv",
+        report(
+            f"{R}/alignment/things_ooo.csv",
+            caption="../report/things_ooo.rst",
+            category="Alignment",
+            subcategory="tables",
+        ),
     log:
         f"{R}/logs/things_ooo_table.log",
     params:
@@ -40,7 +45,8 @@ rule things_ooo_table:
 
 rule figure_things_ooo:
     input:
-        f"{R}/alignment/things_ooo.csv",
+        table=f"{R}/alignment/things_ooo.csv",
+        stats=f"{R}/alignment/things_ooo_stats.csv",
     output:
         report(f"{R}/figures/things_ooo.png", caption="../report/things_ooo.rst", category="Alignment"),
     log:
@@ -48,7 +54,7 @@ rule figure_things_ooo:
     params:
         code=code_hash("figure-things"),
     shell:
-        "python3 -m metalign figure-things --table {input} --out {output} 2> {log}"
+        "python3 -m metalign figure-things --table {input.table} --stats {input.stats} --out {output} 2> {log}"
 
 
 # Behavioural alignment beyond the THINGS choice model (docs/methods.md §9.2–9.4, docs/methods.md §9.8, §10, §11): Levels odd-one-out,
@@ -168,7 +174,12 @@ rule behaviour_stats:
         trials=lambda wc: per_pair(f"{R}/alignment/{wc.bench}/{{backbone}}/{{variant}}.parquet"),
         ceiling=lambda wc: f"{R}/alignment/noise_ceiling/{CEILINGS[wc.bench]}.json" if wc.bench in CEILINGS else [],
     output:
-        f"{R}/alignment/{{bench}}_stats.csv",
+        report(
+            f"{R}/alignment/{{bench}}_stats.csv",
+            caption="../report/behaviour_r2.rst",
+            category="Behaviour",
+            subcategory="tables",
+        ),
     log:
         f"{R}/logs/behaviour_stats/{{bench}}.log",
     wildcard_constraints:

@@ -121,7 +121,12 @@ rule brain_table:
         lambda wc: _brain_encodings(wc.bench),
     output:
         folds=f"{R}/brain/{{bench}}_folds.csv",
-        stats=f"{R}/brain/{{bench}}_stats.csv",
+        stats=report(
+            f"{R}/brain/{{bench}}_stats.csv",
+            caption="../report/brain_rois.rst",
+            category="Brain",
+            subcategory="tables",
+        ),
         alphas=f"{R}/brain/{{bench}}_alphas.csv",
     log:
         f"{R}/logs/brain/{{bench}}_table.log",
