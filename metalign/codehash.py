@@ -5,18 +5,23 @@ the command's handler (`cmd_<command>`), the functions and constants of its CLI 
 module's `register` (option defaults), and every `metalign` module those import, transitively, found by reading the
 source (no import, so the Snakefile stays torch-free and fast). Imports inside functions count too. The hash is of
 file contents under repository-relative names: another interpreter, venv or checkout path gives the same hash, and
-an edit to a module that a command never imports leaves its jobs alone.
+an edit to a module that a command never imports leaves its jobs alone. The hashes are kept in `CACHE` under a stamp of
+every source file's size and mtime, so a no-op dry run reads no AST.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import json
+import os
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
 ROOT_NAME = PACKAGE.name
+CACHE = PACKAGE / "__pycache__" / "codehash.json"  # git-ignored, next to the sources it describes
 
 
 def _module_file(module: str) -> Path | None:
@@ -141,9 +146,48 @@ def _handler_parts(cli_module: str, command: str) -> tuple[list[str], set[str]]:
     return parts, modules
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=1)
+def _stamp() -> str:
+    """Name, size and mtime of every source file: while it is unchanged, the hashes stored last time still hold."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        status = path.stat()
+        digest.update(f"{path.relative_to(PACKAGE).as_posix()}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def _stored() -> dict[str, str]:
+    """Hashes computed by an earlier run on the same sources (reading every AST costs most of a no-op dry run)."""
+    try:
+        cached = json.loads(CACHE.read_text())
+    except (OSError, ValueError):
+        return {}
+    return dict(cached["hashes"]) if isinstance(cached, dict) and cached.get("stamp") == _stamp() else {}
+
+
+def _store(hashes: dict[str, str]) -> None:
+    """Atomic write; a read-only checkout just recomputes next time."""
+    try:
+        CACHE.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=CACHE.parent, prefix=".codehash.", suffix=".json")
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"stamp": _stamp(), "hashes": hashes}, handle)
+        os.replace(tmp, CACHE)
+    except OSError:
+        pass
+
+
 def code_hash(command: str) -> str:
     """sha256 (first 16 hex digits) of the code that `python -m metalign <command>` runs."""
+    stored = _stored()
+    if command not in stored:
+        stored[command] = _compute(command)
+        _store(stored)
+    return stored[command]
+
+
+def _compute(command: str) -> str:
     from metalign.cli import COMMANDS
 
     if command not in COMMANDS:
