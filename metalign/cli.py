@@ -26,7 +26,8 @@ STAGES = {
                                 "figure-downstream"),
     "metalign.results": ("collect-summaries",),
     "metalign.cost": ("cost",),
-    "metalign.demo.cli": ("demo-world", "demo-vit", "demo-behaviour", "demo-fmri", "demo-labelled", "demo-planted"),
+    "metalign.demo.cli": ("demo-world", "demo-vit", "demo-behaviour", "demo-fmri", "demo-labelled", "demo-planted",
+                          "demo-effect"),
 }
 COMMANDS = {command: module for module, commands in STAGES.items() for command in commands}
 

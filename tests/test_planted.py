@@ -211,3 +211,54 @@ def test_planted_config_errors_name_the_key(demo_config, edit, message):
 def test_demo_summary_json_is_readable(planted):
     root, summary = planted
     assert json.loads((root / "planted" / "planted.json").read_text())["expected"] == summary["expected"]
+
+
+# ----------------------------------------------------------------------------------------------- effect table
+
+
+def _results(root: Path, acc: dict[str, float]) -> None:
+    """A minimal results tree: every table the effect table reads, one backbone `pb`, accuracies from `acc`."""
+    variants = list(acc)
+    def frame(**columns):
+        return pd.DataFrame({"backbone": "pb", "variant": variants, **columns})
+    (root / "alignment").mkdir(parents=True)
+    (root / "downstream").mkdir()
+    for bench in ("things_ooo", "levels_ooo", "category_learning", "reward_learning"):
+        metric = "zero_shot_acc" if "ooo" in bench else "acc"
+        frame(**{metric: list(acc.values()), "n_trials": 1000}).to_csv(root / "alignment" / f"{bench}.csv")
+        stats_rows = []
+        for v in variants[1:]:
+            for model, value in (("base", 0.1), (v, 0.1 + acc[v] - acc["base"])):
+                stats_rows.append({"backbone": "pb", "subset": "all", "comparison": f"{v}_vs_base", "model": model,
+                                   "r2_participant_mean": value, "r2_participant_sem": 0.01,
+                                   "pxp": 0.99 if value == max(0.1, 0.1 + acc[v] - acc["base"]) else 0.01})
+        pd.DataFrame(stats_rows).to_csv(root / "alignment" / f"{bench}_stats.csv")
+    frame(imagenet_a_top1=list(acc.values()), n_imagenet_a=1000).to_csv(root / "downstream" / "imagenet_a.csv")
+    frame(t1_target_acc=list(acc.values()), n_t1_target_test=1000, mean_target_acc=0.5).to_csv(
+        root / "downstream" / "breeds.csv")
+    frame(mean_5shot=list(acc.values()), a_5shot_sd=0.0, b_5shot_sd=0.0).to_csv(root / "downstream" / "fewshot.csv")
+
+
+def test_effect_table_margins_and_verdicts(tmp_path):
+    from metalign.demo.effect import effect_table
+
+    _results(tmp_path, {"base": 0.5, "good": 0.6, "ctrl": 0.45})
+    table = effect_table(tmp_path, "pb", "good", ["ctrl"], level=0.99).set_index(["family", "variant", "metric"])
+    row = table.loc[("things_ooo", "good", "zero_shot_acc")]
+    z = 2.5758293035489
+    assert row["margin"] == pytest.approx(z * np.sqrt(0.5 * 0.5 / 1000 + 0.6 * 0.4 / 1000))
+    assert row["gain"] == pytest.approx(0.1) and row["expected"] == "gain" and row["verdict"] == "pass"
+    assert table.loc[("things_ooo", "ctrl", "zero_shot_acc"), "verdict"] == "pass"  # a loss is no gain
+    r2 = table.loc[("things_ooo_r2", "good", "mcfadden_r2 (participant mean)")]
+    assert r2["margin"] == pytest.approx(z * np.hypot(0.01, 0.01)) and r2["verdict"] == "pass"
+    assert table.loc[("things_ooo_r2", "good", "bms_pxp (meta vs base)"), "verdict"] == "pass"
+    assert table.loc[("category_learning", "good", "acc"), "expected"] == "no loss"
+    assert (table["verdict"] == "pass").all()
+
+    # a control that gains beyond the noise, and a planted variant that does not, both fail
+    flipped = tmp_path / "flipped"
+    _results(flipped, {"base": 0.5, "good": 0.51, "ctrl": 0.6})
+    table = effect_table(flipped, "pb", "good", ["ctrl"]).set_index(["family", "variant", "metric"])
+    assert table.loc[("things_ooo", "good", "zero_shot_acc"), "verdict"] == "FAIL"
+    assert table.loc[("things_ooo", "ctrl", "zero_shot_acc"), "verdict"] == "FAIL"
+    assert table.loc[("levels_ooo_r2", "ctrl", "bms_pxp (meta vs base)"), "verdict"] == "FAIL"

@@ -6,7 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from metalign.demo import fmri, labelled, learning, planted, world
+from metalign.io import write_csv
+
+from metalign.demo import effect, fmri, labelled, learning, planted, world
 
 
 def cmd_demo_world(args: argparse.Namespace) -> None:
@@ -46,6 +48,15 @@ def cmd_demo_planted(args: argparse.Namespace) -> None:
     print(f"planted backbone table in {args.out}: {summary['n_images']} images, dims {summary['dims']}; zero-shot "
           f"THINGS accuracy of the features {expected['zero_shot_features']:.3f}, of their factor part "
           f"{expected['zero_shot_factors']:.3f}")
+
+
+def cmd_demo_effect(args: argparse.Namespace) -> None:
+    table = effect.effect_table(args.results, args.backbone, args.planted, args.controls, args.level, args.shots)
+    write_csv(args.out, table)
+    failed = table[table["verdict"] != "pass"]
+    print(f"planted effect on {args.backbone}: {len(table) - len(failed)} of {len(table)} checks pass"
+          + "".join(f"\n  FAIL {r.family} {r.metric} {r.variant}: gain {r.gain:+.3f}, margin {r.margin:.3f}, "
+                    f"expected {r.expected}" for r in failed.itertuples()))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -93,3 +104,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--spec", required=True, help="JSON spec (config `demo.planted`)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.set_defaults(func=cmd_demo_planted)
+
+    parser = subparsers.add_parser("demo-effect", help="the planted effect table: meta − base with noise margins",
+                                   description=effect.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", required=True, type=Path, help="the results root of the demo run")
+    parser.add_argument("--backbone", required=True, help="the planted backbone")
+    parser.add_argument("--planted", required=True, help="the variant trained on the planted functions")
+    parser.add_argument("--controls", nargs="+", required=True, help="the control variants (no gain expected)")
+    parser.add_argument("--level", type=float, default=0.99, help="two-sided level of the margins")
+    parser.add_argument("--shots", type=int, default=5, help="few-shot column compared")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.set_defaults(func=cmd_demo_effect)

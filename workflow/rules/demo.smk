@@ -106,3 +106,38 @@ if "planted" in config["demo"]:
         shell:
             "python3 -m metalign demo-planted --world $(dirname {input.world}) {params.labelled} --spec {params.spec}"
             " --out $(dirname {output.table}) 2> {log}"
+
+
+if "effect" in config["demo"]:
+    EFFECT = config["demo"]["effect"]
+
+    rule demo_effect:
+        input:
+            tables=expand(
+                f"{R}/alignment/{{table}}.csv",
+                table=[
+                    *(
+                        f"{b}{s}"
+                        for b in ("things_ooo", "levels_ooo", "category_learning", "reward_learning")
+                        for s in ("", "_stats")
+                    ),
+                ],
+            ),
+            brain=[
+                f"{R}/brain/{bench}_stats.csv"
+                for bench in ("things_fmri", "bold5000")
+                if bench in config["benchmarks"]
+            ],
+            downstream=expand(f"{R}/downstream/{{table}}.csv", table=["fewshot", "breeds", "imagenet_a"]),
+            icl=f"{R}/icl/{EFFECT['backbone']}/{EFFECT['planted']}.h5",
+        output:
+            report(f"{R}/alignment/planted_effect.csv", caption="../report/planted_effect.rst", category="Demo"),
+        log:
+            f"{R}/logs/demo_effect.log",
+        params:
+            code=code_hash("demo-effect"),
+            effect=stable(EFFECT),
+            controls=" ".join(EFFECT["controls"]),
+        shell:
+            "python3 -m metalign demo-effect --results {R} --backbone {params.effect[backbone]} --planted {params.effect[planted]}"
+            " --controls {params.controls} --level {params.effect[level]} --shots {params.effect[shots]} --out {output} 2> {log}"
