@@ -3,8 +3,8 @@
 Codes: synthetic top-64 of 49,152 latents (benchmarks/bench_codes.py); min_nonzero = 120 keeps ≈49k functions of
 120–204 positives each.
 
-ours      `EpisodeSampler.sample` (vectorised over the batch: positives as a random-key subset of each function's
-          list, negatives by rejection through a hashed bitmap).
+ours      `EpisodeSampler.sample` (vectorised over runs of blocks: positives as a random-key subset of each function's
+          list, negative candidates checked against that list and each other by one sort, spare draws for rejects).
 baseline  the plain numpy loop a competent user writes from the same precomputed per-function positive lists (CSR,
           rows ascending): per episode, n_pos ~ round(N(sl/2, sl/20)) clamped as ours, a permutation of the
           function's list for the positives, uniformly drawn negatives rejected by a `searchsorted` membership test

@@ -105,19 +105,22 @@ def test_gradient_and_hessian_are_analytic_derivatives():
     participant = np.repeat([0, 1], 40)
     groups = cm.group_trials(participant)
     fold, k = cm.assign_folds(choice, groups, seed=0)
-    design = cm._design(logits, choice, fold, participant, k)
+    folds, pooled, _ = cm._designs(logits, choice, fold, participant, k)
     params = rng.normal(0, 0.3, (int(k.sum()), 3))
-    f, g, hess = cm._terms(params, design, len(params))
+    f, g, hess = cm._terms(params, folds)
+    pooled_params = rng.normal(0, 0.3, (2, 3))
+    pooled_terms = cm._terms(pooled_params, pooled)
     first = np.concatenate([[0], np.cumsum(k)[:-1]])
     for p in (0, 1):
-        for fo in range(k[p]):
-            train = (participant == p) & (fold != fo)
-            x = params[first[p] + fo]
+        fits = [(f, g, hess, first[p] + fo, params[first[p] + fo], (participant == p) & (fold != fo))
+                for fo in range(k[p])]
+        fits.append((*pooled_terms, p, pooled_params[p], participant == p))
+        for f_, g_, hess_, at, x, train in fits:
             single = lambda v: cm.mean_nll_and_grad(v, logits[train], choice[train])  # noqa: E731
-            assert f[first[p] + fo] == pytest.approx(single(x)[0], rel=1e-12)
-            np.testing.assert_allclose(g[first[p] + fo], single(x)[1], rtol=1e-10, atol=1e-12)
+            assert f_[at] == pytest.approx(single(x)[0], rel=1e-12)
+            np.testing.assert_allclose(g_[at], single(x)[1], rtol=1e-10, atol=1e-12)
             numeric = np.array([_central_difference(lambda v: single(v)[1][r], x) for r in range(3)])
-            np.testing.assert_allclose(hess[first[p] + fo], numeric, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(hess_[at], numeric, rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------- cross-validation
@@ -132,7 +135,7 @@ def _bounded_participants(rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
     return logits, np.r_[perfect, biased], np.repeat([100, 101], 60)
 
 
-def test_batched_newton_matches_per_fit_lbfgsb():
+def test_batched_newton_matches_per_fit_lbfgsb(monkeypatch):
     triplets, _, _ = _simulate(_planted(), n_participants=6, n_trials=90, seed=4)
     logits = ooo.triplet_logits(_planted(), triplets["i"], triplets["j"], triplets["k"])
     extra_logits, extra_choice, extra_part = _bounded_participants(np.random.default_rng(5))
@@ -144,6 +147,14 @@ def test_batched_newton_matches_per_fit_lbfgsb():
     assert newton.converged.all() and len(newton.params) == len(lbfgsb.params) == 8 * 5
     single_thread = cm.cross_validate(logits, choice, participant, n_jobs=1)   # other chunking, same fits
     np.testing.assert_array_equal(single_thread.params, newton.params)
+    monkeypatch.setattr(cm, "_SEGMENT_TRIALS", 50)                           # other segments, same fits
+    np.testing.assert_array_equal(cm.cross_validate(logits, choice, participant, n_jobs=2).params, newton.params)
+    # out-of-fold scores are those of log_probabilities under the trial's test-fold fit
+    group_of = np.searchsorted(np.unique(participant), participant)
+    fit = np.concatenate([[0], np.cumsum(newton.n_folds)[:-1]])[group_of] + newton.fold
+    logp = cm.log_probabilities(newton.params[fit], logits)
+    np.testing.assert_allclose(newton.nll, -logp[np.arange(len(choice)), choice], rtol=1e-12)
+    np.testing.assert_array_equal(newton.correct, logp.argmax(axis=1) == choice)
     np.testing.assert_array_equal(newton.fold, lbfgsb.fold)
     interior = participant < 100                    # interior optima: both optimisers agree on every trial
     np.testing.assert_allclose(newton.nll[interior], lbfgsb.nll[interior], atol=1e-3)
@@ -180,6 +191,28 @@ def test_folds_follow_sklearn_and_do_not_depend_on_the_representation():
             expected[test] = f
         np.testing.assert_array_equal(fold[rows], expected)
     assert base_summary["n_trials"] == meta_summary["n_trials"] == 500
+
+
+def test_folds_match_sklearn_for_varied_participants():
+    """Participants of many sizes, skewed or missing positions and K < 5, interleaved in the file."""
+    rng = np.random.default_rng(11)
+    sizes = rng.integers(2, 120, 40)
+    participant = rng.permutation(np.repeat(np.arange(40) * 7, sizes))
+    share = rng.dirichlet(np.full(3, 0.7), 40)
+    choice = np.array([rng.choice(3, p=share[p // 7]) for p in participant])
+    fold, n_folds = cm.assign_folds(choice, cm.group_trials(participant), seed=5)
+    for g, p in enumerate(np.unique(participant)):
+        rows = np.flatnonzero(participant == p)
+        counts = np.bincount(choice[rows], minlength=3)
+        if (counts > 0).sum() < 2 or counts[counts > 0].min() < 2:
+            assert n_folds[g] == 0 and (fold[rows] == -1).all()
+            continue
+        k = min(5, counts[counts > 0].min())
+        expected = np.empty(len(rows), int)
+        for f, (_, test) in enumerate(StratifiedKFold(k, shuffle=True, random_state=5).split(rows, choice[rows])):
+            expected[test] = f
+        assert n_folds[g] == k
+        np.testing.assert_array_equal(fold[rows], expected)
 
 
 def test_inclusion_rule_and_number_of_folds():

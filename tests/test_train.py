@@ -17,6 +17,7 @@ from metalign.functions.codes import Codes, write_codes
 from metalign.functions.select import function_stats, max_episode_draw, select_functions
 from metalign.io import DataContractError, file_sha256, read_h5, write_h5
 from metalign.train import cli as train_cli
+from metalign.train import sampler as sampler_module
 from metalign.train.checkpoint import MODEL_FORMAT
 from metalign.train.data import Features
 from metalign.train.loop import METRIC_COLUMNS, train
@@ -83,7 +84,8 @@ def test_sampler_statistics_labels_and_uniqueness(data):
     assert np.array_equal(batch.functions, np.repeat(np.arange(8), 50))
 
 
-@pytest.mark.parametrize("n_positives", [30, 150])  # keyed subsets (≤ KEYED_NNZ·sl) and draws with rejection
+# keyed subsets (≤ KEYED_NNZ·sl), draws with rejection, and negatives rejected so often that spares run out
+@pytest.mark.parametrize("n_positives", [30, 150, 320])
 def test_sampler_draws_uniformly_without_replacement(n_positives):
     """Every positive, and every other row as a negative, equally often (chi-square), despite redraws."""
     from scipy.stats import chisquare
@@ -91,8 +93,8 @@ def test_sampler_draws_uniformly_without_replacement(n_positives):
     from metalign.train.sampler import KEYED_NNZ
 
     n, sl = 400, 20
-    assert (n_positives > KEYED_NNZ * sl) == (n_positives == 150)
-    offsets, rows = np.array([0, n_positives]), np.arange(0, 2 * n_positives, 2)
+    assert (n_positives > KEYED_NNZ * sl) == (n_positives >= 150)
+    offsets, rows = np.array([0, n_positives]), np.sort(np.random.default_rng(2).permutation(n)[:n_positives])
     sampler = EpisodeSampler(offsets, rows, np.ones(n_positives), n, np.array([5]), sl=sl, seed=0)
     batch = sampler.evaluation_set(n_per_function=3000, seed=1)
     assert all(len(set(r)) == sl for r in batch.rows)
@@ -105,18 +107,50 @@ def test_sampler_draws_uniformly_without_replacement(n_positives):
     assert chisquare(positives[rows] * np.linspace(1.25, 0.75, n_positives)).pvalue < 1e-3
 
 
-def test_sampler_determinism_and_ranks(data):
+def test_sampler_determinism_and_ranks(data, monkeypatch):
     (_, codes, _), _ = data
     a, b = (EpisodeSampler.from_codes(codes, sl=20, seed=3) for _ in range(2))
     for x, y in zip(a.sample(16, step=5), b.sample(16, step=5)):
         np.testing.assert_array_equal(x, y)
     for x, y in zip(a.sample(1100, step=2, threads=1), b.sample(1100, step=2, threads=3)):  # 3 blocks of episodes
         np.testing.assert_array_equal(x, y)
+    for blocks in (1, 3):                                              # blocks per vectorised pass: speed only
+        monkeypatch.setattr(sampler_module, "_PASS_BLOCKS", blocks)
+        for x, y in zip(a.sample(1100, step=2, threads=1), b.sample(1100, step=2, threads=2)):
+            np.testing.assert_array_equal(x, y)
     other_rank = EpisodeSampler.from_codes(codes, sl=20, seed=3, rank=1).sample(16, step=5)
     assert not np.array_equal(a.sample(16, step=5).rows, other_rank.rows)
     assert not np.array_equal(a.sample(16, step=5).rows, a.sample(16, step=6).rows)
     e1, e2 = a.evaluation_set(2, seed=9), EpisodeSampler.from_codes(codes, sl=20, seed=99, rank=2).evaluation_set(2, 9)
     np.testing.assert_array_equal(e1.rows, e2.rows)
+    monkeypatch.setattr(sampler_module, "CHUNK", 3)                    # several blocks and passes: same episodes
+    sets = []
+    for blocks in (1, 2):
+        monkeypatch.setattr(sampler_module, "_PASS_BLOCKS", blocks)
+        sets.append(EpisodeSampler.from_codes(codes, sl=20, seed=3).evaluation_set(3, seed=9))
+    for x, y in zip(*sets):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_sampler_mixes_keyed_and_drawn_functions(monkeypatch):
+    """A batch of functions with few and with many positives: valid episodes, the same for any threads or passes."""
+    n, sl = 400, 20
+    rng = np.random.default_rng(4)
+    lists = [np.sort(rng.permutation(n)[:count]) for count in (30, 200, 60, 320)]
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in lists])])
+    sampler = EpisodeSampler(offsets, np.concatenate(lists), rng.uniform(1, 2, offsets[-1]), n, np.arange(4), sl=sl,
+                             seed=5)
+    rows, labels, mags, mse_mask = sampler.sample(1500, step=1)
+    functions = np.concatenate([sampler._rng(0, 0, 1, block).integers(0, 4, size=size)
+                                for block, size in enumerate((512, 512, 476))])
+    assert set(functions) == {0, 1, 2, 3}
+    member = np.array([[row in set(lists[j]) for row in episode] for j, episode in zip(functions, rows)])
+    np.testing.assert_array_equal(labels, member.astype(np.float32))
+    np.testing.assert_array_equal(mse_mask, labels)
+    assert all(len(set(r)) == sl for r in rows) and (mags[labels == 0] == 0).all() and (mags[labels == 1] >= 1).all()
+    monkeypatch.setattr(sampler_module, "_PASS_BLOCKS", 1)
+    for x, y in zip((rows, labels, mags), sampler.sample(1500, step=1, threads=2)):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_sampler_rejects_function_that_cannot_fill_episodes():
