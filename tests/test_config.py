@@ -134,7 +134,8 @@ def _variant(name: str, **keys):
     (_demo, _variant("h64", hidden=None, n_heads=64), r"variants.h64.n_heads: .* 64"),  # 64 / 64 = 1: odd
     (_demo, _set("demo.vit.hidden_size", 36), r"variants.noemb.n_heads: .*'vit_tiny'.* 36"),  # 36 / 4 = 9: odd
     (_study, _set("variants.noemb.n_heads", 24), r"variants.noemb.n_heads: .*'clip_embed'.* 512"),  # 768 / 24 = 32
-    (_demo, lambda c: c["train"].update(hidden=None, n_heads=3),  # inherited by every variant
+    (_demo, lambda c: [c["train"].update(hidden=None, n_heads=3)]  # inherited by every variant
+     + [v.pop("hidden", None) for v in c["variants"].values()],
      r"variants.main.n_heads: .*'vit_tiny'.*hidden \(64\) / n_heads \(3\)"),
     (_demo, _set("variants.noemb.hidden", 64), r"variants.noemb.hidden: .*'effnet_lite0' gives 1280"),
     # block indices against the depth: the demo ViT's from demo.vit.layers, the study's from the table

@@ -234,8 +234,12 @@ def _results(root: Path, acc: dict[str, float]) -> None:
                                    "pxp": 0.99 if value == max(0.1, 0.1 + acc[v] - acc["base"]) else 0.01})
         pd.DataFrame(stats_rows).to_csv(root / "alignment" / f"{bench}_stats.csv")
     frame(imagenet_a_top1=list(acc.values()), n_imagenet_a=1000).to_csv(root / "downstream" / "imagenet_a.csv")
-    frame(t1_target_acc=list(acc.values()), n_t1_target_test=1000, mean_target_acc=0.5).to_csv(
-        root / "downstream" / "breeds.csv")
+    frame(t1_target_acc=list(acc.values()), n_t1_target_test=1000, mean_target_acc=0.5,
+          t1_source_acc=list(acc.values()), n_t1_source_test=200).to_csv(root / "downstream" / "breeds.csv")
+    (root / "downstream" / "breeds_splits.json").write_text(json.dumps({"tasks": {"t1": {"superclasses": ["a", "b"]}}}))
+    (root / "downstream" / "shape_bias" / "pb").mkdir(parents=True)
+    (root / "downstream" / "shape_bias" / "pb" / "base.json").write_text(json.dumps(
+        {"n_shape": 30, "n_texture": 20, "n_conflict": 56, "categories": {c: [c] for c in "abcdefgh"}}))
     frame(mean_5shot=list(acc.values()), a_5shot_sd=0.0, b_5shot_sd=0.0).to_csv(root / "downstream" / "fewshot.csv")
 
 
@@ -253,7 +257,16 @@ def test_effect_table_margins_and_verdicts(tmp_path):
     assert r2["margin"] == pytest.approx(z * np.hypot(0.01, 0.01)) and r2["verdict"] == "pass"
     assert table.loc[("things_ooo_r2", "good", "bms_pxp (meta vs base)"), "verdict"] == "pass"
     assert table.loc[("category_learning", "good", "acc"), "expected"] == "no loss"
-    assert (table["verdict"] == "pass").all()
+    assert table.loc[("category_learning_r2", "good", "bms_pxp (meta vs base)"), "expected"] == "pxp > 0.95"
+    assert table.loc[("breeds_t1", "good", "t1_target_acc"), "expected"] == "reported"
+    assert table.loc[("breeds_t1", "ctrl", "t1_target_acc"), "expected"] == "none"
+    source = table.loc[("labels", "base", "breeds t1 source accuracy")]   # base 0.5 on 2 superclasses: chance
+    assert source["base"] == 0.5 and source["meta"] == 0.5 and source["expected"] == "above chance"
+    cue = table.loc[("labels", "base", "cue-conflict decisions that follow shape or texture")]
+    assert cue["meta"] == pytest.approx(50 / 56) and cue["base"] == pytest.approx(2 / 8)
+    assert cue["margin"] == pytest.approx(z * np.sqrt((50 / 56) * (6 / 56) / 56 + 0.25 * 0.75 / 56))
+    assert source["verdict"] == "FAIL" and cue["verdict"] == "pass"
+    assert (table.drop(index=("labels", "base", "breeds t1 source accuracy"))["verdict"] == "pass").all()
 
     # a control that gains beyond the noise, and a planted variant that does not, both fail
     flipped = tmp_path / "flipped"

@@ -129,6 +129,12 @@ if "effect" in config["demo"]:
                 if bench in config["benchmarks"]
             ],
             downstream=expand(f"{R}/downstream/{{table}}.csv", table=["fewshot", "breeds", "imagenet_a"]),
+            breeds_splits=f"{R}/downstream/breeds_splits.json",
+            shape_bias=(
+                [f"{R}/downstream/shape_bias/{EFFECT['backbone']}/base.json"]
+                if "shape_bias" in config.get("downstream", {})
+                else []
+            ),
             icl=f"{R}/icl/{EFFECT['backbone']}/{EFFECT['planted']}.h5",
         output:
             report(f"{R}/alignment/planted_effect.csv", caption="../report/planted_effect.rst", category="Demo"),
@@ -139,5 +145,5 @@ if "effect" in config["demo"]:
             effect=stable(EFFECT),
             controls=" ".join(EFFECT["controls"]),
         shell:
-            "python3 -m metalign demo-effect --results {R} --backbone {params.effect[backbone]} --planted {params.effect[planted]}"
+            "python3 -m metalign demo-effect --results $(dirname $(dirname {output})) --backbone {params.effect[backbone]} --planted {params.effect[planted]}"
             " --controls {params.controls} --level {params.effect[level]} --shots {params.effect[shots]} --out {output} 2> {log}"
