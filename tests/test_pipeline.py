@@ -96,15 +96,15 @@ def test_changed_training_steps_rerun_only_descendants(demo, tmp_path):
     path = tmp_path / "changed.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     jobs = planned_jobs(snakemake(workdir, "-n", "all", "--quiet", "rules", config=path))
-    n_backbones = len(config["backbones"])
     assert not UPSTREAM & set(jobs), jobs
     from metalign.config.model import has_representation
-    from metalign.config.schema import variant_params
+    from metalign.config.schema import variant_backbones, variant_params
 
     changed = [v for v in config["variants"] if "steps" not in config["variants"][v]]  # the others set their own
     encoded = [v for v in changed if has_representation(variant_params(config, v))]
-    assert jobs["train"] == len(changed) * n_backbones
-    assert jobs["things_ooo"] == len(encoded) * n_backbones  # meta jobs only: base results are reused, not recomputed
+    assert jobs["train"] == sum(len(variant_backbones(config, v)) for v in changed)
+    # meta jobs only: base results are reused, not recomputed
+    assert jobs["things_ooo"] == sum(len(variant_backbones(config, v)) for v in encoded)
     assert jobs["things_ooo_table"] == 1 and jobs["figure_learning_curves"] == 1
 
 
@@ -138,22 +138,28 @@ def test_code_edit_reruns_exactly_its_importers_and_paths_do_not_matter(demo, tm
                                                                                           "reward_learning"}
     config = yaml.safe_load(DEMO.read_text())
     from metalign.config.model import has_representation
-    from metalign.config.schema import variant_params
+    from metalign.config.schema import variant_backbones, variant_params
 
     encoded = [v for v in config["variants"] if has_representation(variant_params(config, v))]
-    assert jobs["category_learning"] == jobs["reward_learning"] == len(config["backbones"]) * (1 + len(encoded))
+    scored = len(config["backbones"]) + sum(len(variant_backbones(config, v)) for v in encoded)  # base + meta
+    assert jobs["category_learning"] == jobs["reward_learning"] == scored
     assert not (UPSTREAM | {"train", "encode", "things_ooo", "levels_ooo", "brain_encode"}) & set(jobs), jobs
 
 
 def test_long_rules_write_progress_to_their_logs(demo):
-    """Logs are not empty when stderr is a file: training, extraction, SAE training and encoding report progress."""
+    """Logs are not empty when stderr is a file: training, extraction (hashing images, for a precomputed feature
+    table), SAE training and encoding report progress."""
     logs = demo[0] / "results" / "demo" / "logs"
+    backbones = yaml.safe_load(DEMO.read_text())["backbones"]
+    precomputed = {name for name, spec in backbones.items() if spec["source"] == "precomputed"}
+    assert precomputed and precomputed != set(backbones)
     for pattern, needle in (("train/*/*.log", "train:"), ("extract/*/*.log", "extract "),
                             ("functions/*/sae_train.log", "sae train: 100%"), ("brain/*/*/*/*/*.log", "folds: 100%")):
         found = sorted(logs.glob(pattern))
         assert found, pattern
         for log in found:
-            assert needle in log.read_text(), (log, log.read_text()[-500:])
+            expected = "hash images: 100%" if pattern.startswith("extract") and log.stem in precomputed else needle
+            assert expected in log.read_text(), (log, log.read_text()[-500:])
     training = sorted(logs.glob("train/*/*.log"))[0].read_text()
     assert re.search(r"step \d+/\d+: val loss", training), training[-500:]
 

@@ -25,7 +25,8 @@ def _schema_text() -> str:
 
 
 def load_schema() -> dict[str, Any]:
-    return yaml.safe_load(_schema_text())
+    """The config schema; parsed by libyaml where PyYAML has it (10x faster: every DAG build reads it)."""
+    return yaml.load(_schema_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 @cache
