@@ -3,7 +3,7 @@
 THINGS-fMRI ships its single-trial betas as `sub-0P_ResponseData.h5`: a DataFrame saved by pandas (PyTables) in the
 fixed format under the key `ResponseData`, one row per voxel (`voxel_id` column) and one column per trial. pandas can
 only load such a file whole (≈16 GB for one subject), so voxel rows are selected here by id and read alone
-(docs/methods.md P-21, P-50). The layout (group attributes `pandas_type="frame"`, `nblocks`; datasets `axis0` = column names, `axis1` =
+(docs/methods.md P-21 and P-50). The layout (group attributes `pandas_type="frame"`, `nblocks`; datasets `axis0` = column names, `axis1` =
 index, `block<i>_items` = the columns of block i and `block<i>_values` = their values, stored rows × items when the
 node attribute `transposed` is set) is the one pandas ≥ 1 writes; `write_frame` produces it so that
 `pandas.read_hdf` (which needs the `tables` package) reads the demo files like the real ones.

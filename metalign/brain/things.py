@@ -4,7 +4,7 @@ Per subject P: `sub-0P_ResponseData.h5` (pandas fixed frame `ResponseData`: `vox
 trial columns in the row order of the stimulus table), `sub-0P_VoxelMetadata.csv` (`voxel_id`, `voxel_x/y/z`,
 `nc_singletrial` in percent, binary ROI columns such as V1, lFFA, rFFA) and `sub-0P_StimulusMetadata.csv`
 (`trial_type`, `session`, `run`, `trial_id`, `stimulus`, `concept`; catch trials are not in the table release).
-Voxels are selected on the metadata first and only their rows are read (docs/methods.md P-21, P-50).
+Voxels are selected on the metadata first and only their rows are read (docs/methods.md P-21 and P-50).
 """
 
 from __future__ import annotations

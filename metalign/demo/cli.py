@@ -6,9 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from metalign.io import write_csv
-
 from metalign.demo import effect, fmri, labelled, learning, planted, world
+from metalign.io import write_csv
 
 
 def cmd_demo_world(args: argparse.Namespace) -> None:
@@ -51,7 +50,8 @@ def cmd_demo_planted(args: argparse.Namespace) -> None:
 
 
 def cmd_demo_effect(args: argparse.Namespace) -> None:
-    table = effect.effect_table(args.results, args.backbone, args.planted, args.controls, args.level, args.shots)
+    table = effect.effect_table(args.results, args.backbone, args.planted, args.controls, args.level, args.shots,
+                                args.seeds)
     write_csv(args.out, table)
     failed = table[table["verdict"] != "pass"]
     print(f"planted effect on {args.backbone}: {len(table) - len(failed)} of {len(table)} checks pass"
@@ -113,5 +113,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--controls", nargs="+", required=True, help="the control variants (no gain expected)")
     parser.add_argument("--level", type=float, default=0.99, help="two-sided level of the margins")
     parser.add_argument("--shots", type=int, default=5, help="few-shot column compared")
+    parser.add_argument("--seeds", type=int, required=True, help="few-shot seeds behind each mean (config "
+                        "`downstream.fewshot.seeds`): the margin's standard error")
     parser.add_argument("--out", required=True, type=Path)
     parser.set_defaults(func=cmd_demo_effect)

@@ -68,11 +68,15 @@ def _expected(family: str, variant: str, planted: str) -> str:
     return "gain" if family in GAIN_FAMILIES else "no loss"
 
 
+def _breeds_tasks(root: Path) -> dict[str, dict[str, Any]]:
+    """The BREEDS tasks by name, in name order, from the splits file the BREEDS job read."""
+    tasks = json.loads((root / "downstream" / "breeds_splits.json").read_text())["tasks"]
+    return dict(sorted(tasks.items()))
+
+
 def _accuracy_rows(root: Path, backbone: str, variants: list[str], planted: str, z: float) -> Iterator[dict]:
-    breeds = pd.read_csv(root / "downstream" / "breeds.csv", nrows=0).columns
-    tasks = [c.removesuffix("_target_acc") for c in breeds if c.endswith("_target_acc") and not c.startswith("mean")]
     entries = ACCURACIES + [(f"breeds_{t}", "downstream/breeds.csv", f"{t}_target_acc", f"n_{t}_target_test")
-                            for t in tasks]
+                            for t in _breeds_tasks(root)]
     for family, file, metric, count in entries:
         table = pd.read_csv(root / file)
         rows = table[table["backbone"] == backbone].set_index("variant")
@@ -154,9 +158,8 @@ def _label_rows(root: Path, backbone: str, z: float) -> Iterator[dict]:
     """The base features against chance on labels made from the planted factors: BREEDS source accuracy (1 / number
     of superclasses) and cue-following cue-conflict decisions (2 / number of categories)."""
     breeds = pd.read_csv(root / "downstream" / "breeds.csv").set_index(["backbone", "variant"]).loc[(backbone, "base")]
-    tasks = json.loads((root / "downstream" / "breeds_splits.json").read_text())["tasks"]
     entries = [(f"breeds {name} source accuracy", float(breeds[f"{name}_source_acc"]), 1 / len(task["superclasses"]),
-                int(breeds[f"n_{name}_source_test"])) for name, task in sorted(tasks.items())]
+                int(breeds[f"n_{name}_source_test"])) for name, task in _breeds_tasks(root).items()]
     path = root / "downstream" / "shape_bias" / backbone / "base.json"
     if path.exists():
         bias = json.loads(path.read_text())

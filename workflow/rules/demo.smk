@@ -113,16 +113,11 @@ if "effect" in config["demo"]:
 
     rule demo_effect:
         input:
-            tables=expand(
-                f"{R}/alignment/{{table}}.csv",
-                table=[
-                    *(
-                        f"{b}{s}"
-                        for b in ("things_ooo", "levels_ooo", "category_learning", "reward_learning")
-                        for s in ("", "_stats")
-                    ),
-                ],
-            ),
+            tables=[
+                f"{R}/alignment/{bench}{suffix}.csv"
+                for bench in ("things_ooo", "levels_ooo", "category_learning", "reward_learning")
+                for suffix in ("", "_stats")
+            ],
             brain=[
                 f"{R}/brain/{bench}_stats.csv"
                 for bench in ("things_fmri", "bold5000")
@@ -144,6 +139,7 @@ if "effect" in config["demo"]:
             code=code_hash("demo-effect"),
             effect=stable(EFFECT),
             controls=" ".join(EFFECT["controls"]),
+            n_seeds=len(config["downstream"]["fewshot"]["seeds"]),
         shell:
             "python3 -m metalign demo-effect --results $(dirname $(dirname {output})) --backbone {params.effect[backbone]} --planted {params.effect[planted]}"
-            " --controls {params.controls} --level {params.effect[level]} --shots {params.effect[shots]} --out {output} 2> {log}"
+            " --controls {params.controls} --level {params.effect[level]} --shots {params.effect[shots]} --seeds {params.n_seeds} --out {output} 2> {log}"
