@@ -1,15 +1,23 @@
 """Run every `benchmarks/bench_*.py` (or those named on the command line); each prints one line:
 `bench <name>: ours=… baseline=… ratio=…x goal=…`. Benchmarks that return scaling data (things: time vs triplets,
 ridge: time vs voxels) also get results/bench/scaling_<name>.csv and .png (one pair each, so running one benchmark
-never overwrites another's)."""
+never overwrites another's). results/bench/report.html gathers the run's lines, the machine and every scaling figure
+in results/bench/."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import datetime
+import html
 import importlib
+import os
 import pkgutil
+import platform
 import sys
 from pathlib import Path
+
+from benchmarks.common import LINES
 
 OUT = Path("results/bench")
 
@@ -22,6 +30,15 @@ def write_scaling(name: str, rows: list, out: Path = OUT) -> None:
         writer.writerow(["size", "ours_s", "baseline_s", "baseline_measured"])
         for row in rows:
             writer.writerow([*row[:3], row[3] if len(row) > 3 else False])
+    fig = scaling_figure(name, rows)
+    fig.savefig(out / f"scaling_{name}.png", dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def scaling_figure(name: str, rows: list):
+    """Log-log seconds vs size: ours (measured) and the baseline, from (size, ours_s, baseline_s, …) rows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,8 +55,25 @@ def write_scaling(name: str, rows: list, out: Path = OUT) -> None:
     ax.set_title(labels.get(name, (name, name))[1], fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / f"scaling_{name}.png", dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def write_report(lines: list[str], out: Path = OUT) -> Path:
+    """One self-contained HTML page: when and where it ran, the bench lines, and every scaling figure (inlined)."""
+    out.mkdir(parents=True, exist_ok=True)
+    figures = "".join(
+        f'<h2>{html.escape(png.stem.removeprefix("scaling_"))}</h2><img alt="{html.escape(png.name)}" '
+        f'src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">'
+        f"<p>data: {png.with_suffix('.csv').name}</p>" for png in sorted(out.glob("scaling_*.png")))
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    page = (f"<!doctype html><meta charset='utf-8'><title>metalign benchmarks</title><h1>metalign benchmarks</h1>"
+            f"<p>{datetime.datetime.now().isoformat(timespec='seconds')} · {html.escape(machine)}</p>"
+            f"<pre>{html.escape(chr(10).join(lines))}</pre>{figures}")
+    path = out / "report.html"
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(page)
+    tmp.replace(path)
+    return path
 
 
 def main(names: list[str]) -> int:
@@ -49,6 +83,7 @@ def main(names: list[str]) -> int:
         result = importlib.import_module(f"benchmarks.{name}").main()
         for bench, rows in (result or {}).items():
             write_scaling(bench, rows)
+    print(f"benchmarks: {write_report(LINES)}")
     return 0
 
 

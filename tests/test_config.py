@@ -53,6 +53,8 @@ def test_shipped_configs_are_valid(config_files):
     (lambda c: c["backbones"]["vit_tiny"].__setitem__("poolling", "cls"), "poolling"),    # unknown nested key
     (lambda c: c["function_sets"]["main"]["source"].__setitem__("backbone", "dino9"), "dino9"),  # unknown backbone
     (lambda c: c["demo"]["vit"].__setitem__("hidden_size", -64), "hidden_size"),          # schema minimum
+    (lambda c: c["threads"].__setitem__("train", 0), "train"),                              # threads ≥ 1
+    (lambda c: c["threads"].__setitem__("encode", 1), "encode"),                            # not a threaded rule
     (lambda c: c["function_sets"]["main"]["sae"].__setitem__("k", 64), "function_sets.main.sae.k"),  # k ≥ SAE width
 ])
 def test_bad_config_fails_before_any_job(mutate, needle, tmp_path):

@@ -32,10 +32,11 @@ UPSTREAM = {"demo_world", "demo_vit", "demo_behaviour", "demo_fmri", "demo_label
             "brain_prepare_bold5000", "downstream_breeds_splits"}
 
 
-def snakemake(workdir, *args, config: Path | Sequence[Path] = DEMO, cwd=REPO,
-              check=True) -> subprocess.CompletedProcess:
+def snakemake(workdir, *args, config: Path | Sequence[Path] = DEMO, cwd=REPO, check=True,
+              preload: bool = False) -> subprocess.CompletedProcess:
+    """`preload`: jobs forked from a preload server, as `make demo` runs them (metalign/preload.py)."""
     configs = [config] if isinstance(config, Path) else list(config)
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(workdir), *args,
+    cmd = [sys.executable, "-m", "metalign.preload"] * preload + [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(workdir), *args,
            "--configfile", *map(str, configs)]
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=3600)
     if check and result.returncode != 0:
@@ -57,7 +58,7 @@ def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
 def demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
     started = time.perf_counter()
-    snakemake(workdir, "--cores", "2", "all")
+    snakemake(workdir, "--cores", "2", "all", preload=True)
     return workdir, time.perf_counter() - started
 
 
@@ -78,6 +79,8 @@ def test_demo_outputs(demo):
         with Image.open(figure) as image:
             assert image.width > 200 and image.height > 200 and np.asarray(image.convert("L")).std() > 1, figure
     assert {"things_ooo.png", "learning_curves.png", "icl.png"} <= {p.name for p in root.glob("figures/*.png")}
+    # every job was forked from the preload server, none fell back to its own interpreter (metalign/preload.py)
+    assert not [log for log in root.glob("logs/**/*.log") if "running in this process" in log.read_text()]
     print(f"demo DAG wall time: {seconds:.0f} s")
 
 
@@ -345,7 +348,7 @@ def test_demo_full_overlay_on_the_built_demo(demo, tmp_path):
         assert jobs[table] == len(encoded) * len(backbones), table
 
     started = time.perf_counter()
-    snakemake(workdir, "--cores", "2", *targets, config=configs)
+    snakemake(workdir, "--cores", "2", *targets, config=configs, preload=True)
     print(f"demo-full overlay wall time: {time.perf_counter() - started:.0f} s")
 
     root = workdir / base["results"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 from pathlib import Path
 
@@ -12,9 +13,24 @@ from metalign.embed.concat import concat_embeddings
 from metalign.embed.extract import extract
 
 
+def keep_freed_buffers() -> None:
+    """Keep freed heap memory for reuse (glibc `mallopt`). By default glibc serves each conv activation (tens of MB)
+    with a fresh mmap and unmaps it when freed, so every batch page-faults its buffers in again: half of a CPU
+    extraction's time was the kernel's (EfficientNet-Lite0, 64 × 128², 1 thread: 1.05 → 0.41 s per batch). Numbers are
+    unchanged; elsewhere than glibc this does nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
 def cmd_extract(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)  # the job's CPU allotment, not every core of the node
+    keep_freed_buffers()
     entry = json.loads(args.backbone)
     extract(entry, args.manifest, args.out, batch_size=args.batch_size, num_workers=args.workers,
             device=args.device, amp=args.amp)

@@ -114,7 +114,7 @@ if LEVELS:
             summary=f"{R}/alignment/levels_ooo/{{backbone}}/{{variant}}.json",
         log:
             f"{R}/logs/levels_ooo/{{backbone}}/{{variant}}.log",
-        threads: 2
+        threads: THREADS["levels_ooo"]
         params:
             code=code_hash("evaluate-levels"),
             seed=LEVELS["seed"],

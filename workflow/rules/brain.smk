@@ -98,7 +98,7 @@ rule brain_encode:
         bench="things_fmri|bold5000",
         scheme="heldout_session|image_kfold|upstream_leaky",
         subject="sub-[0-9]+|CSI[0-9]+",
-    threads: 2
+    threads: THREADS["brain_encode"]
     resources:
         gpu=lambda wc: int(BRAIN[wc.bench].get("gpu", False)),
         mem_mb=lambda wc: BRAIN[wc.bench].get("mem_mb", 8000),

@@ -19,6 +19,8 @@ ENCODED = [
     v for v in VARIANTS if has_representation(variant_params(config, v))
 ]  # noemb: no encode() (docs/methods.md §8)
 REPRESENTATIONS = ["base"] + ENCODED
+THREADS = {"extract": 2, "sae_train": 2, "train": 2, "levels_ooo": 2, "brain_encode": 2}
+THREADS.update(config.get("threads", {}))  # fewer on a small machine: config/demo.yaml
 TRAINED_ON = {v: variant_backbones(config, v) for v in VARIANTS}  # a variant's `backbones` (default: all)
 # Jobs call `python3 -m metalign …` with this interpreter first on PATH: the shell commands name no machine path.
 os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])

@@ -15,7 +15,7 @@ rule extract:
         f"{R}/logs/extract/{{dataset}}/{{backbone}}.log",
     wildcard_constraints:
         dataset="|".join(re.escape(d) for d in config["datasets"] if d not in CONCAT) or "(?!)",
-    threads: 2
+    threads: THREADS["extract"]
     resources:
         gpu=1,
     params:

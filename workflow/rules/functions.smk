@@ -11,7 +11,8 @@ rule sae_train:
         f"{R}/logs/functions/{{fset}}/sae_train.log",
     wildcard_constraints:
         fset=_sets("train"),
-    threads: 2
+    priority: 10  # the trainings wait on it
+    threads: THREADS["sae_train"]
     params:
         code=code_hash("sae-train"),
         sae=lambda wc: stable(_fs(wc).entry["sae"]),

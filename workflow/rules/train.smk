@@ -6,7 +6,8 @@ rule train:
         metrics=f"{R}/checkpoints/{{backbone}}/{{variant}}.metrics.csv",
     log:
         f"{R}/logs/train/{{backbone}}/{{variant}}.log",
-    threads: 2
+    priority: 10  # the longest jobs and the critical path: start them before the small ones
+    threads: THREADS["train"]
     resources:
         gpu=_gpus,
     params:

@@ -1,0 +1,29 @@
+"""`make bench` output: the scaling CSV and figure hold the measured values, the HTML report inlines them."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import re
+
+from benchmarks.__main__ import scaling_figure, write_report, write_scaling
+
+
+def test_scaling_data_figure_and_report_hold_the_measured_values(tmp_path):
+    rows = [(500_000, 0.92, 19.5, False), (1_000_000, 1.46, 38.7, True), (4_700_000, 7.45, 162.8, False)]
+    write_scaling("things", rows, tmp_path)
+    with open(tmp_path / "scaling_things.csv") as handle:
+        read = [(int(r["size"]), float(r["ours_s"]), float(r["baseline_s"]), r["baseline_measured"] == "True")
+                for r in csv.DictReader(handle)]
+    assert read == rows
+    ours, baseline = scaling_figure("things", rows).axes[0].lines[:2]
+    assert list(ours.get_xdata()) == [r[0] for r in rows] and list(ours.get_ydata()) == [r[1] for r in rows]
+    assert list(baseline.get_ydata()) == [r[2] for r in rows]
+    assert ours.get_label() == "ours (measured)"
+
+    line = "bench things_ooo_full_scale_seconds: ours=7.449s baseline=162.8s ratio=21.9x goal=<10s"
+    page = write_report([line], tmp_path).read_text()
+    assert html.escape(line) in page and "CPUs" in page
+    inlined = re.search(r'src="data:image/png;base64,([^"]+)"', page).group(1)
+    assert base64.b64decode(inlined) == (tmp_path / "scaling_things.png").read_bytes()

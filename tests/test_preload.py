@@ -1,0 +1,134 @@
+"""The preload server (metalign/preload.py): jobs forked from it write what a fresh interpreter writes, keep their
+exit status, log and signals, and fall back to their own process when the server is absent or the environment
+differs in what a library reads at import."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+SPEC = {"seed": 7, "n_concepts": 8, "images_per_concept": 2, "image_size": 32, "n_participants": 4,
+        "triplets_per_participant": 20, "repeat_fraction": 0.1, "temperature": 0.15, "coco_train": 12, "coco_val": 6}
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("preload") / "jobs.sock")
+    env = {key: value for key, value in os.environ.items() if key != "PYTEST_CURRENT_TEST"}
+    process = subprocess.Popen([sys.executable, "-m", "metalign.preload", "--serve", path, str(os.getpid())],
+                               cwd=REPO, env=env)
+    process.env = env  # what jobs of this server start from: per-test variables (NILEARN_DATA …) would differ
+    deadline = time.monotonic() + 120
+    while not os.path.exists(path):
+        assert process.poll() is None and time.monotonic() < deadline, "the preload server did not start"
+        time.sleep(0.1)
+    yield path, process
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def _job(args: list[str], log: Path, socket_path: str | None, base: dict | None = None, **env) -> subprocess.Popen:
+    environ = {key: value for key, value in (base or os.environ).items() if key != "METALIGN_PRELOAD_SOCKET"}
+    if socket_path:
+        environ["METALIGN_PRELOAD_SOCKET"] = socket_path
+    with open(log, "w") as stderr:
+        return subprocess.Popen([sys.executable, "-m", "metalign", *args], cwd=REPO, stderr=stderr,
+                                env={**environ, **env})
+
+
+def _world(out: Path, log: Path, socket_path: str | None, base: dict | None = None, spec: dict = SPEC,
+           **env) -> subprocess.Popen:
+    return _job(["demo-world", "--spec", json.dumps(spec), "--out", str(out)], log, socket_path, base, **env)
+
+
+def test_a_forked_job_writes_what_a_fresh_process_writes(server, tmp_path):
+    path, process = server
+    forked = _world(tmp_path / "forked", tmp_path / "forked.log", path, process.env, OMP_NUM_THREADS="1")
+    fresh = _world(tmp_path / "fresh", tmp_path / "fresh.log", None, process.env, OMP_NUM_THREADS="1")
+    assert forked.wait(timeout=300) == 0 and fresh.wait(timeout=300) == 0, (tmp_path / "forked.log").read_text()
+    assert "running in this process" not in (tmp_path / "forked.log").read_text()  # so the server ran it
+    files = sorted(p.relative_to(tmp_path / "fresh") for p in (tmp_path / "fresh").rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(tmp_path / "forked") for p in (tmp_path / "forked").rglob("*")
+                                     if p.is_file())
+    for name in files:
+        if name.suffix != ".json":  # world.json records its own path
+            assert (tmp_path / "forked" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
+
+
+def test_exit_status_and_error_reach_the_job_log(server, tmp_path):
+    path, process = server
+    job = _job(["encode", "--ckpt", str(tmp_path / "missing.pt"), "--features", "x.h5", "--out", "y.h5"],
+               tmp_path / "job.log", path, process.env)
+    assert job.wait(timeout=60) == 2
+    log = (tmp_path / "job.log").read_text()
+    assert "metalign encode: error:" in log and "missing.pt" in log and "running in this process" not in log
+
+
+def test_an_environment_read_at_import_runs_in_its_own_process(server, tmp_path):
+    path, process = server
+    job = _job(["encode", "--ckpt", str(tmp_path / "missing.pt"), "--features", "x.h5", "--out", "y.h5"],
+               tmp_path / "job.log", path, process.env,
+               HF_HUB_OFFLINE="0" if process.env.get("HF_HUB_OFFLINE") == "1" else "1")
+    assert job.wait(timeout=120) == 2
+    log = (tmp_path / "job.log").read_text()
+    assert "running in this process (its environment differs from the preload server's in HF_HUB_OFFLINE)" in log
+    assert "missing.pt" in log
+
+
+def test_no_server_means_a_plain_process(tmp_path):
+    job = _job(["encode", "--ckpt", str(tmp_path / "missing.pt"), "--features", "x.h5", "--out", "y.h5"],
+               tmp_path / "job.log", str(tmp_path / "absent.sock"))
+    assert job.wait(timeout=120) == 2 and "missing.pt" in (tmp_path / "job.log").read_text()
+
+
+def test_sigterm_to_the_job_ends_its_forked_child(server, tmp_path):
+    path, process = server
+    big = {**SPEC, "n_concepts": 400, "images_per_concept": 20, "image_size": 96, "coco_train": 4000}
+    job = _world(tmp_path / "big", tmp_path / "big.log", path, process.env, spec=big)
+    deadline = time.monotonic() + 60
+    while not _children(process.pid):
+        assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "big.log").read_text()
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=30) == -signal.SIGTERM
+    deadline = time.monotonic() + 30
+    while _children(process.pid):
+        assert time.monotonic() < deadline, "the forked child outlived its job"
+        time.sleep(0.1)
+
+
+def test_the_server_keeps_libraries_and_forgets_metalign():
+    code = ("import sys; from metalign.preload import preload; preload(); "
+            "print(sorted(m for m in sys.modules if m.startswith('metalign.') and m != 'metalign.preload'), "
+            "all(m in sys.modules for m in ('torch', 'pandas', 'sklearn', 'h5py')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] True"
+
+
+def test_the_wrapper_runs_its_command_and_returns_its_status(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "metalign.preload", sys.executable, "-c",
+                           "import os, sys; print(os.environ['METALIGN_PRELOAD_SOCKET']); sys.exit(3)"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3 and done.stdout.strip().endswith("jobs.sock"), done.stderr
+    assert not Path(done.stdout.strip()).parent.exists()  # the server and its socket are gone with the command
