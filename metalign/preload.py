@@ -139,6 +139,11 @@ def serve(path: str, parent: int) -> None:
     """Accept jobs on the Unix socket `path` until the process `parent` is gone (one thread: safe to fork)."""
     launched = dict(os.environ)
     preload()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # a forked child could not use the GPU: serve nothing
+        print("metalign preload: CUDA was initialised while importing; jobs run in their own processes",
+              file=sys.stderr)
+        return
     # what the libraries set for themselves at import (KMP_INIT_AT_FORK …): a fresh process would have them too
     by_imports = {k: v for k, v in os.environ.items() if launched.get(k) != v}
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -272,7 +277,11 @@ def _limit_threads(value: str | None) -> None:
 
 
 def run(command: list[str]) -> int:
-    """Run `command` with a preload server beside it; the server ends with the command."""
+    """Run `command` with a preload server beside it; the server ends with the command. Linux only: macOS forbids
+    forking a process whose system frameworks have started (Accelerate, the Objective-C runtime), so elsewhere the
+    command runs as it is and every job starts its own interpreter."""
+    if sys.platform != "linux":
+        return subprocess.call(command)
     with tempfile.TemporaryDirectory(prefix="metalign-preload-") as tmp:
         path = str(Path(tmp) / "jobs.sock")
         server = subprocess.Popen([sys.executable, "-m", "metalign.preload", "--serve", path, str(os.getpid())],
