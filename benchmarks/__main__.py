@@ -1,8 +1,9 @@
 """Run every `benchmarks/bench_*.py` (or those named on the command line); each prints one line:
 `bench <name>: ours=… baseline=… ratio=…x goal=…`. Benchmarks that return scaling data (things: time vs triplets,
 ridge: time vs voxels) also get results/bench/scaling_<name>.csv and .png (one pair each, so running one benchmark
-never overwrites another's). results/bench/report.html gathers the run's lines, the machine and every scaling figure
-in results/bench/."""
+never overwrites another's), and results/bench/lines_<benchmark>.txt its lines. results/bench/report.html gathers
+every benchmark's latest lines, the machine and every scaling figure in results/bench/, so running one benchmark
+updates its part of the page only."""
 
 from __future__ import annotations
 
@@ -49,7 +50,12 @@ def scaling_figure(name: str, rows: list):
     fig, ax = plt.subplots(figsize=(5.5, 4))
     size = [r[0] for r in rows]
     ax.loglog(size, [r[1] for r in rows], "o-", label="ours (measured)")
-    ax.loglog(size, [r[2] for r in rows], "s--", label="baseline")
+    ax.loglog(size, [r[2] for r in rows], "--", color="C1", label="baseline")
+    for measured, face, label in ((True, "C1", "baseline, measured"), (False, "none", "baseline, extrapolated")):
+        points = [r for r in rows if (len(r) > 3 and bool(r[3])) == measured]
+        if points:
+            ax.loglog([r[0] for r in points], [r[2] for r in points], "s", color="C1", markerfacecolor=face,
+                      label=label)
     ax.set_xlabel(labels.get(name, (name,))[0])
     ax.set_ylabel("seconds (2 CPU cores)")
     ax.set_title(labels.get(name, (name, name))[1], fontsize=9)
@@ -58,9 +64,16 @@ def scaling_figure(name: str, rows: list):
     return fig
 
 
-def write_report(lines: list[str], out: Path = OUT) -> Path:
-    """One self-contained HTML page: when and where it ran, the bench lines, and every scaling figure (inlined)."""
+def write_lines(name: str, lines: list[str], out: Path = OUT) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    (out / f"lines_{name}.txt").write_text("".join(f"{line}\n" for line in lines))
+
+
+def write_report(out: Path = OUT) -> Path:
+    """One self-contained HTML page: when and where it ran, every benchmark's latest lines, and every scaling figure
+    (inlined)."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [line for path in sorted(out.glob("lines_*.txt")) for line in path.read_text().splitlines()]
     figures = "".join(
         f'<h2>{html.escape(png.stem.removeprefix("scaling_"))}</h2><img alt="{html.escape(png.name)}" '
         f'src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">'
@@ -80,10 +93,12 @@ def main(names: list[str]) -> int:
     found = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name.startswith("bench_"))
     chosen = [n for n in found if not names or n.removeprefix("bench_") in names or n in names]
     for name in chosen:
+        first = len(LINES)
         result = importlib.import_module(f"benchmarks.{name}").main()
+        write_lines(name.removeprefix("bench_"), LINES[first:])
         for bench, rows in (result or {}).items():
             write_scaling(bench, rows)
-    print(f"benchmarks: {write_report(LINES)}")
+    print(f"benchmarks: {write_report()}")
     return 0
 
 

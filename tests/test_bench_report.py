@@ -7,7 +7,7 @@ import csv
 import html
 import re
 
-from benchmarks.__main__ import scaling_figure, write_report, write_scaling
+from benchmarks.__main__ import scaling_figure, write_lines, write_report, write_scaling
 
 
 def test_scaling_data_figure_and_report_hold_the_measured_values(tmp_path):
@@ -21,9 +21,15 @@ def test_scaling_data_figure_and_report_hold_the_measured_values(tmp_path):
     assert list(ours.get_xdata()) == [r[0] for r in rows] and list(ours.get_ydata()) == [r[1] for r in rows]
     assert list(baseline.get_ydata()) == [r[2] for r in rows]
     assert ours.get_label() == "ours (measured)"
+    marks = {line.get_label(): list(line.get_xdata()) for line in scaling_figure("things", rows).axes[0].lines[2:]}
+    assert marks == {"baseline, measured": [1_000_000], "baseline, extrapolated": [500_000, 4_700_000]}
 
     line = "bench things_ooo_full_scale_seconds: ours=7.449s baseline=162.8s ratio=21.9x goal=<10s"
-    page = write_report([line], tmp_path).read_text()
-    assert html.escape(line) in page and "CPUs" in page
+    write_lines("things", [line], tmp_path)
+    write_lines("sampler", ["bench sampler_batch: ours=1s baseline=10s ratio=10x goal=>=10x"], tmp_path)
+    write_lines("things", [line.replace("7.449", "6.001")], tmp_path)  # a rerun of one benchmark replaces its lines
+    page = write_report(tmp_path).read_text()
+    assert html.escape(line.replace("7.449", "6.001")) in page and "7.449" not in page
+    assert "bench sampler_batch" in page and "CPUs" in page
     inlined = re.search(r'src="data:image/png;base64,([^"]+)"', page).group(1)
     assert base64.b64decode(inlined) == (tmp_path / "scaling_things.png").read_bytes()
