@@ -13,7 +13,8 @@ A job runs in its own process as usual when there is no server (SLURM, a plain `
 be reached, or when its environment differs from the server's in anything that a library reads at import time
 (`ENV_PER_JOB` lists what may differ: thread counts, PATH, temp dirs, shell bookkeeping); torchrun ranks differ in
 RANK/WORLD_SIZE and so run in their own processes. The job's exit status, its log (stderr is the same open file) and
-signals (SIGINT/SIGTERM/SIGHUP are forwarded; a vanished client ends its child) behave as for a plain process.
+signals (SIGINT/SIGTERM/SIGHUP are forwarded; a vanished client ends its child, a killed server its children) behave
+as for a plain process.
 """
 
 from __future__ import annotations
@@ -217,19 +218,30 @@ def _start(conn: socket.socket, listener: socket.socket, launched: dict[str, str
         return None
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    server = os.getpid()
     pid = os.fork()
     if pid == 0:
         listener.close()
         conn.close()
         request["env"] = {**request["env"], **by_imports}
-        _run_child(request, fds)
+        _run_child(request, fds, server)
     for fd in fds:
         os.close(fd)
     _send_message(conn, {"pid": pid})
     return pid
 
 
-def _run_child(request: dict, fds: list[int]) -> None:
+def _end_with_server(server: int) -> None:
+    """Ask Linux to send SIGTERM when the server dies, so a killed server leaves no job writing files behind."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != server:  # the server died before prctl took effect
+        os._exit(128 + signal.SIGTERM)
+
+
+def _run_child(request: dict, fds: list[int], server: int) -> None:
     """In the forked child: become the job (stdio, cwd, environment, threads, signals), run it, exit with its status."""
     rc = 1
     try:
@@ -239,6 +251,7 @@ def _run_child(request: dict, fds: list[int]) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        _end_with_server(server)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])

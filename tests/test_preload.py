@@ -32,9 +32,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("preload") / "jobs.sock")
+def _serve(path: str) -> subprocess.Popen:
     env = {key: value for key, value in os.environ.items() if key != "PYTEST_CURRENT_TEST"}
     process = subprocess.Popen([sys.executable, "-m", "metalign.preload", "--serve", path, str(os.getpid())],
                                cwd=REPO, env=env)
@@ -43,6 +41,20 @@ def server(tmp_path_factory):
     while not os.path.exists(path):
         assert process.poll() is None and time.monotonic() < deadline, "the preload server did not start"
         time.sleep(0.1)
+    return process
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("preload") / "jobs.sock")
+    process = _serve(path)
     yield path, process
     process.terminate()
     process.wait(timeout=30)
@@ -115,6 +127,25 @@ def test_sigterm_to_the_job_ends_its_forked_child(server, tmp_path):
     deadline = time.monotonic() + 30
     while _children(process.pid):
         assert time.monotonic() < deadline, "the forked child outlived its job"
+        time.sleep(0.1)
+
+
+def test_a_killed_server_takes_its_jobs_with_it(tmp_path):
+    path = str(tmp_path / "jobs.sock")
+    process = _serve(path)
+    big = {**SPEC, "n_concepts": 400, "images_per_concept": 20, "image_size": 96, "coco_train": 4000}
+    job = _world(tmp_path / "big", tmp_path / "big.log", path, process.env, spec=big)
+    deadline = time.monotonic() + 60
+    while not (children := _children(process.pid)):
+        assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "big.log").read_text()
+        time.sleep(0.05)
+    process.kill()
+    process.wait(timeout=30)
+    assert job.wait(timeout=30) == 1
+    assert "the server stopped before job" in (tmp_path / "big.log").read_text()
+    deadline = time.monotonic() + 30
+    while any(map(_running, children)):
+        assert time.monotonic() < deadline, "a job of the killed server kept running"
         time.sleep(0.1)
 
 
