@@ -43,6 +43,7 @@ ENV_PER_JOB = frozenset({
 LAZY_IMPORTS = ("timm", "transformers", "transformers.models.vit", "torchvision.models", "open_clip", "nibabel",
                 "nilearn", "nilearn.plotting", "huggingface_hub", "matplotlib.pyplot", "himalaya.ridge")
 _HEADER = struct.Struct("!Q")
+REQUEST_TIMEOUT_S = 10.0
 
 
 def _env_mismatch(launched: dict[str, str], by_imports: dict[str, str], job: dict[str, str]) -> list[str]:
@@ -76,7 +77,7 @@ def submit(path: str, argv: list[str]) -> int | None:
             return None
         pid = reply["pid"]
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, lambda signum, _frame: os.kill(pid, signum))
+            signal.signal(sig, lambda signum, _frame: _signal(pid, signum))
         done = _read_message(client)
     if done is None:
         print(f"metalign preload: the server stopped before job {pid} ended", file=sys.stderr)
@@ -201,15 +202,21 @@ def _signal(pid: int, signum: int) -> None:
 def _start(conn: socket.socket, listener: socket.socket, launched: dict[str, str], by_imports: dict[str, str]) -> int | None:
     """Read one job request and fork its child; the child's pid (sent to the client), or None if refused. `launched`
     is the server's environment before its imports, `by_imports` what those imports set."""
-    data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 3)
-    if len(data) < _HEADER.size or len(fds) != 3:
+    conn.settimeout(REQUEST_TIMEOUT_S)  # a client killed between connect and send must not stall the server
+    fds: list[int] = []
+    try:
+        data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 3)
+        size = _HEADER.unpack(data[:_HEADER.size])[0] if len(data) >= _HEADER.size else -1
+        body = data[_HEADER.size:]
+        rest = _recv_exact(conn, size - len(body)) if size > len(body) else b""
+        request = json.loads(body + rest) if size >= 0 and rest is not None and len(fds) == 3 else None
+    except (OSError, ValueError):
+        request = None
+    conn.settimeout(None)
+    if request is None:
         for fd in fds:
             os.close(fd)
         return None
-    size = _HEADER.unpack(data[:_HEADER.size])[0]
-    body = data[_HEADER.size:]
-    rest = _recv_exact(conn, size - len(body)) if size > len(body) else b""
-    request = json.loads(body + (rest or b""))
     differs = _env_mismatch(launched, by_imports, request["env"])
     if differs:
         for fd in fds:

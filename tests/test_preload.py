@@ -136,7 +136,8 @@ def test_a_killed_server_takes_its_jobs_with_it(tmp_path):
     big = {**SPEC, "n_concepts": 400, "images_per_concept": 20, "image_size": 96, "coco_train": 4000}
     job = _world(tmp_path / "big", tmp_path / "big.log", path, process.env, spec=big)
     deadline = time.monotonic() + 60
-    while not (children := _children(process.pid)):
+    # the child's first log line comes after the server told the client its pid
+    while not ((children := _children(process.pid)) and (tmp_path / "big.log").stat().st_size):
         assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "big.log").read_text()
         time.sleep(0.05)
     process.kill()
