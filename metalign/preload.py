@@ -154,8 +154,7 @@ def serve(path: str, parent: int) -> None:
     os.replace(path + ".tmp", path)  # clients see the socket only once it accepts
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
-    children: dict[int, socket.socket] = {}
-    owner: dict[socket.socket, int] = {}
+    children: dict[int, socket.socket] = {}  # each job's pid → its client's connection (selector data: the pid)
     while os.getppid() == parent:
         for key, _ in selector.select(timeout=0.1):
             if key.fileobj is listener:
@@ -164,17 +163,16 @@ def serve(path: str, parent: int) -> None:
                 if pid is None:
                     conn.close()
                     continue
-                children[pid], owner[conn] = conn, pid
-                selector.register(conn, selectors.EVENT_READ)
+                children[pid] = conn
+                selector.register(conn, selectors.EVENT_READ, data=pid)
             elif not _peek_open(key.fileobj):  # the client vanished (SIGKILL): end its job too
-                _signal(owner[key.fileobj], signal.SIGTERM)
+                _signal(key.data, signal.SIGTERM)
                 selector.unregister(key.fileobj)
         while children:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 break
             conn = children.pop(pid)
-            owner.pop(conn, None)
             _send_message(conn, {"rc": os.waitstatus_to_exitcode(status)})
             try:
                 selector.unregister(conn)
@@ -199,7 +197,8 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
-def _start(conn: socket.socket, listener: socket.socket, launched: dict[str, str], by_imports: dict[str, str]) -> int | None:
+def _start(conn: socket.socket, listener: socket.socket, launched: dict[str, str],
+           by_imports: dict[str, str]) -> int | None:
     """Read one job request and fork its child; the child's pid (sent to the client), or None if refused. `launched`
     is the server's environment before its imports, `by_imports` what those imports set."""
     conn.settimeout(REQUEST_TIMEOUT_S)  # a client killed between connect and send must not stall the server

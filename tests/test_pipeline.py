@@ -36,8 +36,9 @@ def snakemake(workdir, *args, config: Path | Sequence[Path] = DEMO, cwd=REPO, ch
               preload: bool = False) -> subprocess.CompletedProcess:
     """`preload`: jobs forked from a preload server, as `make demo` runs them (metalign/preload.py)."""
     configs = [config] if isinstance(config, Path) else list(config)
-    cmd = [sys.executable, "-m", "metalign.preload"] * preload + [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(workdir), *args,
-           "--configfile", *map(str, configs)]
+    cmd = [sys.executable, "-m", "metalign.preload"] * preload + [
+        sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(workdir), *args,
+        "--configfile", *map(str, configs)]
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=3600)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")

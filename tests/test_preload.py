@@ -16,20 +16,28 @@ import pytest
 
 from tests.conftest import REPO
 
+BIG = {"n_concepts": 400, "images_per_concept": 20, "image_size": 96, "coco_train": 4000}  # a job that runs for a while
 SPEC = {"seed": 7, "n_concepts": 8, "images_per_concept": 2, "image_size": 32, "n_participants": 4,
         "triplets_per_participant": 20, "repeat_fraction": 0.1, "temperature": 0.15, "coco_train": 12, "coco_val": 6}
 
 
+def _state_and_parent(pid: int) -> tuple[str, int] | None:
+    """From /proc/<pid>/stat: the process state (R, S, Z …) and its parent's pid; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])
+
+
+def _running(pid: int) -> bool:
+    found = _state_and_parent(pid)
+    return found is not None and found[0] != "Z"
+
+
 def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
+    return [int(p.name) for p in Path("/proc").iterdir()
+            if p.name.isdigit() and (found := _state_and_parent(int(p.name))) and found[0] != "Z" and found[1] == pid]
 
 
 def _serve(path: str) -> subprocess.Popen:
@@ -42,13 +50,6 @@ def _serve(path: str) -> subprocess.Popen:
         assert process.poll() is None and time.monotonic() < deadline, "the preload server did not start"
         time.sleep(0.1)
     return process
-
-
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +117,7 @@ def test_no_server_means_a_plain_process(tmp_path):
 
 def test_sigterm_to_the_job_ends_its_forked_child(server, tmp_path):
     path, process = server
-    big = {**SPEC, "n_concepts": 400, "images_per_concept": 20, "image_size": 96, "coco_train": 4000}
-    job = _world(tmp_path / "big", tmp_path / "big.log", path, process.env, spec=big)
+    job = _world(tmp_path / "big", tmp_path / "big.log", path, process.env, spec={**SPEC, **BIG})
     deadline = time.monotonic() + 60
     while not _children(process.pid):
         assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "big.log").read_text()
@@ -133,8 +133,7 @@ def test_sigterm_to_the_job_ends_its_forked_child(server, tmp_path):
 def test_a_killed_server_takes_its_jobs_with_it(tmp_path):
     path = str(tmp_path / "jobs.sock")
     process = _serve(path)
-    big = {**SPEC, "n_concepts": 400, "images_per_concept": 20, "image_size": 96, "coco_train": 4000}
-    job = _world(tmp_path / "big", tmp_path / "big.log", path, process.env, spec=big)
+    job = _world(tmp_path / "big", tmp_path / "big.log", path, process.env, spec={**SPEC, **BIG})
     deadline = time.monotonic() + 60
     # the child's first log line comes after the server told the client its pid
     while not ((children := _children(process.pid)) and (tmp_path / "big.log").stat().st_size):
