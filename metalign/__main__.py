@@ -10,4 +10,4 @@ if os.environ.get(SOCKET_ENV):  # a preload server runs beside this job (`python
 
 from metalign.cli import main  # noqa: E402
 
-sys.exit(main())
+sys.exit(main(freeze_imports=True))

@@ -265,7 +265,7 @@ def _run_child(request: dict, fds: list[int], server: int) -> None:
         sys.argv = ["metalign", *request["argv"]]
         from metalign.cli import main
 
-        rc = main(request["argv"])
+        rc = main(request["argv"], freeze_imports=True)
     except SystemExit as stop:
         rc = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     except BaseException:  # noqa: BLE001 - a job's crash is reported in its log, as a plain process would

@@ -139,7 +139,8 @@ def _variant(name: str, **keys):
     (_demo, lambda c: [c["train"].update(hidden=None, n_heads=3)]  # inherited by every variant
      + [v.pop("hidden", None) for v in c["variants"].values()],
      r"variants.main.n_heads: .*'vit_tiny'.*hidden \(64\) / n_heads \(3\)"),
-    (_demo, _set("variants.noemb.hidden", 64), r"variants.noemb.hidden: .*'effnet_lite0' gives 1280"),
+    (_demo, _variant("wide", backbones=["effnet_lite0"], no_embed=True, hidden=64),
+     r"variants.wide.hidden: .*'effnet_lite0' gives 1280"),
     # block indices against the depth: the demo ViT's from demo.vit.layers, the study's from the table
     (_demo, _set("backbones.vit_tiny.layer", 14), r"backbones.vit_tiny.layer: block 14 .* 3 blocks"),
     (_demo, _set("demo.vit.layers", 1), r"backbones.vit_tiny.extra_layers: block\(s\) \[1\]"),

@@ -152,7 +152,7 @@ def fit_logistic(design: np.ndarray, y: np.ndarray, c: float, theta: np.ndarray 
         except np.linalg.LinAlgError:
             step = np.linalg.lstsq(hess, grad, rcond=None)[0]
         decrement = float(grad @ step)           # ≈ 2 (f − f*) near the optimum
-        if decrement <= 1e-14 * max(1.0, abs(value)):
+        if decrement <= 1e-10 * max(1.0, abs(value)):
             return theta - step                  # quadratic convergence: this step reaches machine precision
         size = 1.0
         while True:                              # backtracking: Newton can overshoot on near-separable data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,12 +56,20 @@ def hsv(hue: float, saturation: float, value: float) -> np.ndarray:
     return np.asarray(colorsys.hsv_to_rgb(hue % 1.0, saturation, value)) * 255.0
 
 
+@functools.lru_cache(maxsize=4)
+def _grid(h: int, w: int) -> np.ndarray:
+    """np.mgrid[0:h, 0:w], built once per canvas size (read-only)."""
+    grid = np.mgrid[0:h, 0:w]
+    grid.flags.writeable = False
+    return grid
+
+
 def background(rng: np.random.Generator, width: int, height: int, noise: float, gradient: float) -> np.ndarray:
     """Low-saturation backdrop with a random linear gradient and pixel noise (float RGB, supersampled size)."""
     w, h = width * SUPERSAMPLE, height * SUPERSAMPLE
     base = hsv(rng.uniform(), rng.uniform(0.0, 0.2), rng.uniform(0.35, 0.9))
     angle = rng.uniform(0, 2 * np.pi)
-    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    yy, xx = _grid(h, w) / max(w, h)
     ramp = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None] * gradient * rng.uniform(-1, 1)
     canvas = base + ramp * 255.0
     return canvas + rng.normal(0.0, noise, size=(h, w, 1))
@@ -89,13 +98,13 @@ def draw_object(canvas: np.ndarray, obj: Placement) -> None:
     mask_image = Image.new("L", (w, h), 0)
     ImageDraw.Draw(mask_image).polygon([tuple(p) for p in outline], fill=255)
     mask = np.asarray(mask_image) > 127
-    yy, xx = np.mgrid[0:h, 0:w]
+    yy, xx = np.nonzero(mask)                   # the object's pixels, in the row-major order of canvas[mask]
     dx, dy = xx - cx, yy - cy
     u, v = (dx * cos + dy * sin) / r, (-dx * sin + dy * cos) / r
     primary = hsv(obj.hue, obj.saturation, obj.value)
     secondary = primary * 0.35 + 255.0 * 0.65  # pale tint of the same hue keeps the colour factor readable
     pattern = _texture_mask(u, v, obj.texture, obj.period, obj.phase)
-    canvas[mask] = np.where(pattern[mask][:, None], secondary, primary)
+    canvas[mask] = np.where(pattern[:, None], secondary, primary)
 
 
 def finish(canvas: np.ndarray) -> Image.Image:

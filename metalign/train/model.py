@@ -8,6 +8,7 @@ layer: the token is x_t + w·m_{t-1}/sigma_m + b (hidden = D), so the model has 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -47,13 +48,18 @@ class ModelConfig(ModelSettings):
         return self.model_type in SEQUENCE_TYPES
 
 
+@functools.lru_cache(maxsize=8)
+def _rotation(length: int, dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the RoPE angles t * base^(-2i/dim), (length, dim/2): the same for every step of a run."""
+    inv_freq = base ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    angle = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return angle.cos(), angle.sin()
+
+
 def rotary(x: torch.Tensor, base: float) -> torch.Tensor:
-    """RoPE on (B, heads, T, head_dim): rotate interleaved pairs (2i, 2i+1) by t * base^(-2i/head_dim) (torchtune)."""
-    length, dim = x.shape[-2], x.shape[-1]
-    inv_freq = base ** (-torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)
-    angle = torch.arange(length, device=x.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    cos, sin = angle.cos(), angle.sin()
-    pairs = x.float().unflatten(-1, (dim // 2, 2))
+    """RoPE on (…, T, head_dim): rotate interleaved pairs (2i, 2i+1) by t * base^(-2i/head_dim) (torchtune)."""
+    cos, sin = _rotation(x.shape[-2], x.shape[-1], base, x.device)
+    pairs = x.float().unflatten(-1, (x.shape[-1] // 2, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     return torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2).type_as(x)
 
@@ -67,8 +73,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         batch, length, width = h.shape
-        q, k, v = self.qkv(h).view(batch, length, 3, self.n_heads, width // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = rotary(q, self.rope_base), rotary(k, self.rope_base)
+        qkv = self.qkv(h).view(batch, length, 3, self.n_heads, width // self.n_heads).permute(2, 0, 3, 1, 4)
+        (q, k), v = rotary(qkv[:2], self.rope_base), qkv[2]   # one rotation of q and k together
         attended = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                   dropout_p=self.dropout if self.training else 0.0)
         return self.out(attended.transpose(1, 2).reshape(batch, length, width))
