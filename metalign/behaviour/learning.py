@@ -250,12 +250,14 @@ def bayesian_ridge(x: np.ndarray, y: np.ndarray, basis: np.ndarray) -> tuple[np.
     eigval = singular ** 2
     projected = vh @ (xc.T @ yc)
     to_original = basis @ vh.T
+    rows_in_svd = xc @ vh.T                     # the rows in the SVD's coordinates: fitted values = rows_in_svd @ coef
     alpha, lam = 1.0 / (float(y.var()) + np.finfo(np.float64).eps), 1.0
     previous = None
-    for iteration in range(BR_MAX_ITER):
+    for iteration in range(BR_MAX_ITER):      # a few dozen iterations of small arrays: one call per quantity
         coef = projected / (eigval + lam / alpha)
-        sse = float(np.sum((yc - xc @ (vh.T @ coef)) ** 2))
-        gamma = float(np.sum(alpha * eigval / (lam + alpha * eigval)))
+        residual = yc - rows_in_svd @ coef
+        sse = float(residual @ residual)
+        gamma = float((alpha * eigval / (lam + alpha * eigval)).sum())
         lam = (gamma + 2 * PRIOR["lambda_1"]) / (coef @ coef + 2 * PRIOR["lambda_2"])
         alpha = (len(y) - gamma + 2 * PRIOR["alpha_1"]) / (sse + 2 * PRIOR["alpha_2"])
         original = to_original @ coef
