@@ -4,11 +4,13 @@ Extraction = `metalign.embed.extract.extract` end to end (read, decode, transfor
 writes with a flush per batch). Forward-only = the same backbone on already-transformed batches held on the device.
 The gap is the input pipeline and the writes; the per-image cost of each stage is measured on its own and printed
 to stderr, so a CPU run shows where the time goes. CPU: ViT-Ti/16 on 128 images; GPU: ViT-B/16 (the study's scale)
-on 2048 images. Random-init weights: throughput does not depend on their values.
+on 2048 images. Random-init weights: throughput does not depend on their values. Best of two rounds each, alternated.
+On a CPU the line is a report: the loader's workers decode on the cores that run the forward pass.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
@@ -40,6 +42,9 @@ def _images(folder: Path, n: int, seed: int = 0) -> list[Path]:
         Image.fromarray(pixels).save(path, quality=90)
         paths.append(path)
     return paths
+
+
+ROUNDS = 2
 
 
 def _sync(device: torch.device) -> None:
@@ -75,13 +80,18 @@ def main() -> None:
         # forward-only: the same number of images, already transformed, already on the device
         batches = [torch.stack([tensors[i % len(tensors)] for i in range(j, min(j + batch, n))]).to(device)
                    for j in range(0, n, batch)]
+
+        def forward_only() -> tuple[float, list[torch.Tensor]]:
+            with torch.inference_mode():
+                _sync(device)
+                start = time.perf_counter()
+                outputs = [backbone.forward(b)["features"].float().cpu() for b in batches]
+                _sync(device)
+            return time.perf_counter() - start, outputs
+
         with torch.inference_mode():
             backbone.forward(batches[0])  # warm-up (kernels, allocator)
-            _sync(device)
-            start = time.perf_counter()
-            outputs = [backbone.forward(b)["features"].float().cpu() for b in batches]
-            _sync(device)
-        forward_s = time.perf_counter() - start
+        forward_s, outputs = forward_only()
 
         # writes: the extractor's HDF5 pattern (one write + two flushes per batch) for outputs of this size
         dim = outputs[0].shape[1]
@@ -95,16 +105,23 @@ def main() -> None:
                 handle.flush()
         write_s = (time.perf_counter() - start) / n
 
-        start = time.perf_counter()
-        extract(entry, manifest, root / "features.h5", batch_size=batch, num_workers=workers, device=str(device))
-        extract_s = time.perf_counter() - start
+        extract_s = math.inf
+        for round_ in range(ROUNDS):  # alternated with forward-only, best of each: a busy moment hits either side
+            start = time.perf_counter()
+            extract(entry, manifest, root / f"features{round_}.h5", batch_size=batch, num_workers=workers,
+                    device=str(device))
+            extract_s = min(extract_s, time.perf_counter() - start)
+            forward_s = min(forward_s, forward_only()[0])
 
     print(f"  extract [{model}, {device}, {n} images, batch {batch}, {workers} workers]: per image "
           f"decode {decode_s * 1e3:.2f} ms, transform {transform_s * 1e3:.2f} ms, forward {forward_s / n * 1e3:.2f} ms, "
           f"write {write_s * 1e3:.3f} ms; extraction {extract_s / n * 1e3:.2f} ms/img end to end "
           f"(model load included)", file=sys.stderr)
-    report("extract_throughput", n / extract_s, n / forward_s, goal=">=0.9x of forward-only (GPU)", unit="img/s",
-           higher_is_better=True)
+    ratio = forward_s / extract_s
+    goal = ">=0.9x of forward-only (GPU)" + (
+        ("" if ratio >= 0.9 else " (goal not met)") if gpu else
+        f"; this run: CPU, {model} on {n} images, a report (best of {ROUNDS}, model load and worker start included)")
+    report("extract_throughput", n / extract_s, n / forward_s, goal=goal, unit="img/s", higher_is_better=True)
 
 
 if __name__ == "__main__":
