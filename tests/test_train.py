@@ -179,6 +179,25 @@ def test_causal_masking():
     assert not torch.allclose(logits[:, 5:], logits2[:, 5:])
 
 
+def test_rotary_matches_complex_rotation_and_serves_training_after_inference():
+    """RoPE as a complex product (pair (2i, 2i+1) = one complex number times e^{i t θ_i}), an independent reference;
+    the angles cached by an inference_mode forward must serve a later forward that trains."""
+    from metalign.train.model import rotary
+
+    x = torch.randn(2, 3, 7, 8)
+    theta = 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    phase = torch.polar(torch.ones(7, 4, dtype=torch.float64), torch.arange(7, dtype=torch.float64)[:, None] * theta)
+    expected = torch.view_as_real(torch.view_as_complex(x.double().unflatten(-1, (4, 2))) * phase).flatten(-2)
+    with torch.inference_mode():
+        torch.testing.assert_close(rotary(x, 10000.0).double(), expected, rtol=1e-5, atol=1e-5)
+    model = small_model().train()
+    with torch.inference_mode():                 # first use of this length: the angles are cached here
+        model(torch.randn(2, 13, D), torch.rand(2, 13))
+    logits, _ = model(torch.randn(2, 13, D), torch.rand(2, 13))
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.core.parameters())
+
+
 def test_encode_is_embed_of_zero_and_x_with_free_hidden_size():
     model = small_model(hidden=40)
     assert model.embed.in_features == D + 1 and model.embed.out_features == 40

@@ -50,10 +50,12 @@ class ModelConfig(ModelSettings):
 
 @functools.lru_cache(maxsize=8)
 def _rotation(length: int, dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the RoPE angles t * base^(-2i/dim), (length, dim/2): the same for every step of a run."""
-    inv_freq = base ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
-    angle = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    return angle.cos(), angle.sin()
+    """cos and sin of the RoPE angles t * base^(-2i/dim), (length, dim/2): the same for every step of a run. Made
+    as ordinary tensors even under inference_mode, so a cached pair also serves a later forward that trains."""
+    with torch.inference_mode(False):
+        inv_freq = base ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+        angle = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        return angle.cos(), angle.sin()
 
 
 def rotary(x: torch.Tensor, base: float) -> torch.Tensor:
