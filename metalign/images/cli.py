@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--unique-ids", help="concept order for the things layout")
     parser.add_argument("--options", help='layout options as JSON, e.g. \'{"split_number": 1}\'')
     parser.add_argument("--expected-count", type=int,
-                        help="fail unless exactly this many images are found (docs/methods.md P-03)")
+                        help="fail unless exactly this many images are found (docs/methods.md P-3)")
     parser.add_argument("--checksums", action="store_true", help="record each image's sha256 (checked at extraction)")
     parser.add_argument("--out", required=True, help="the manifest (CSV)")
     parser.set_defaults(func=cmd_manifest)
