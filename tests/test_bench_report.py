@@ -33,3 +33,35 @@ def test_scaling_data_figure_and_report_hold_the_measured_values(tmp_path):
     assert "bench sampler_batch" in page and "CPUs" in page
     inlined = re.search(r'src="data:image/png;base64,([^"]+)"', page).group(1)
     assert base64.b64decode(inlined) == (tmp_path / "scaling_things.png").read_bytes()
+
+
+def test_a_failing_benchmark_replaces_its_old_lines_and_the_run_fails(tmp_path, monkeypatch, capsys):
+    """A benchmark that raises leaves a FAILED line where its old numbers were (never stale numbers under a new
+    date), the others still run, every lines file carries its provenance, and the run exits non-zero."""
+    import types
+
+    from benchmarks import __main__ as bench_main
+    from benchmarks.common import report
+
+    write_lines("sampler", ["bench sampler_batch: ours=1s baseline=10s ratio=10x goal=>=10x"], tmp_path)
+
+    def broken() -> None:
+        raise AssertionError("episodes invalid")
+
+    def working() -> None:
+        report("codes_fake", 1.0, 3.0, ">=2x")
+
+    def fake(name):
+        return types.SimpleNamespace(main=broken if name.endswith("sampler") else working)
+
+    monkeypatch.setattr(bench_main.importlib, "import_module", fake)
+    assert bench_main.main(["sampler", "codes"], tmp_path) == 1
+    sampler = (tmp_path / "lines_sampler.txt").read_text().splitlines()
+    assert sampler[1:] == ["bench sampler: FAILED AssertionError: episodes invalid"]
+    codes = (tmp_path / "lines_codes.txt").read_text().splitlines()
+    assert codes[1] == "bench codes_fake: ours=1s baseline=3s ratio=3x goal=>=2x"
+    for header in (sampler[0], codes[0]):
+        assert re.fullmatch(r"# \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d · commit \S+ · \d+ CPUs", header), header
+    page = (tmp_path / "report.html").read_text()
+    assert "FAILED AssertionError" in page and "ratio=10x" not in page
+    assert "benchmarks failed: bench_sampler" in capsys.readouterr().err

@@ -9,6 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
+import h5py
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -26,6 +28,7 @@ from metalign.config.demo import validate_fmri
 from metalign.demo import cli as demo_cli
 from metalign.demo import fmri as demo_fmri
 from metalign.io import DataContractError
+from tests.test_figures import filled, plotted, tick_labels
 
 ALPHAS = alpha_grid(-3, 5, 40)
 STUDY_ALPHAS = np.logspace(-6, 3, 100)  # upstream bin/eval_brain.py: RidgeCV(alphas=…, alpha_per_target=True)
@@ -396,13 +399,51 @@ def _run(*argv: str) -> None:
     args.func(args)
 
 
-def test_cli_tables_and_figures(tmp_path, world, fmri_dir, monkeypatch):
+def _read_h5(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """ids, r2 and xyz of an encoding file, read with h5py (not through the package's reader)."""
+    with h5py.File(path, "r") as handle:
+        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in handle["ids"][:]]
+        return ids, handle["r2"][:].astype(np.float64), handle["xyz"][:]
+
+
+@pytest.fixture
+def stat_maps(monkeypatch):
+    """Every image and keyword nilearn's plot_stat_map is given (it still draws): what the volume figure shows."""
     import gc
 
-    from metalign.io import write_h5
+    from nilearn import plotting
 
     # nilearn forces a full garbage collection on every image access; in the large pytest heap that costs seconds
     monkeypatch.setattr(gc, "collect", lambda *args: 0)
+    calls = []
+    real = plotting.plot_stat_map
+
+    def record(image, **kwargs):
+        calls.append((np.asarray(image.get_fdata()), image.affine, kwargs))
+        return real(image, **kwargs)
+
+    monkeypatch.setattr(plotting, "plot_stat_map", record)
+    return calls
+
+
+def _saved_figures(monkeypatch) -> list:
+    """Figures that metalign.brain.figures saves, kept (and still written) so that their artists can be read."""
+    from metalign.brain import figures as brain_figures
+
+    saved, real = [], brain_figures._save
+
+    def keep(fig, out):
+        saved.append(fig)
+        real(fig, out)
+
+    monkeypatch.setattr(brain_figures, "_save", keep)
+    return saved
+
+
+def test_cli_tables_and_figures(tmp_path, world, fmri_dir, monkeypatch, stat_maps):
+    from metalign.io import write_h5
+
+    saved = _saved_figures(monkeypatch)
     images, features = demo_fmri.read_world(world)
     rng = np.random.default_rng(2)
     feature_files = {"base": rng.standard_normal(features.shape),
@@ -432,14 +473,143 @@ def test_cli_tables_and_figures(tmp_path, world, fmri_dir, monkeypatch):
     assert alphas[["frac_low_edge", "frac_high_edge"]].to_numpy().max() <= 1 and len(alphas) == 4
     _run("figure-brain-rois", "--folds", tmp_path / "folds.csv", "--stats", tmp_path / "stats.csv", "--scheme",
          "heldout_session", "--rois", rois, "--title", "demo", "--out", tmp_path / "rois.png")
+    # the ROI figure: per ROI and representation, the mean over subjects of the subject's fold mean, ± 1 SEM
+    (fig,) = saved
+    (ax,) = [ax for ax in fig.axes if ax.containers]
+    points = plotted(ax)
+    assert ax.get_title() == "bb" and tick_labels(ax) == json.loads(rois)
+    per_subject = {key: np.mean(list(part["value"])) for key, part in folds.groupby(["variant", "roi", "subject"])}
+    expected_points = {}
+    for variant, roi in {(v, r) for v, r, _ in per_subject}:
+        means = np.array([per_subject[variant, roi, s] for s in ("sub-01", "sub-02")])
+        sem = means.std(ddof=1) / np.sqrt(len(means))
+        expected_points[(roi, variant)] = (means.mean(), means.mean() - sem, means.mean() + sem)
+    assert set(points) == set(expected_points) and len(points) == 10
+    for key, values in expected_points.items():
+        assert points[key] == pytest.approx(values, rel=1e-9)
+    stars = pd.read_csv(tmp_path / "stats.csv", keep_default_na=False)
+    assert filled(ax) == ({(r, "base") for r in json.loads(rois)}
+                          | {(r, "main") for r, s in zip(stars["roi"], stars["stars"]) if s})
     base = [e for e in encodings if e.parent.name == "base"]
     meta = [e for e in encodings if e.parent.name == "main"]
     masks = [fmri_dir / "things_fmri" / "brainmasks" / f"sub-{p}_space-T1w_brainmask.nii.gz" for p in ("01", "02")]
     _run("figure-brain-volume", "--base", *base, "--meta", *meta, "--masks", *masks, "--label", "main",
          "--title", "demo", "--out", tmp_path / "volume.png")
-    assert (tmp_path / "rois.png").stat().st_size > 5000 and (tmp_path / "volume.png").stat().st_size > 5000
+    # the volume figure: per subject, mean over folds of meta R² − base R² at each voxel's coordinates, 0 elsewhere
+    assert len(saved) == 2 and len(stat_maps) == 2
+    assert (tmp_path / "rois.png").read_bytes()[:4] == (tmp_path / "volume.png").read_bytes()[:4] == b"\x89PNG"
+    diffs = []
+    for (data, affine, kwargs), base_path, meta_path, mask in zip(stat_maps, base, meta, masks):
+        base_ids, base_r2, xyz = _read_h5(base_path)
+        meta_ids, meta_r2, _ = _read_h5(meta_path)
+        assert base_ids == meta_ids
+        diff = (meta_r2 - base_r2).mean(axis=1)
+        assert np.isfinite(diff).all() and (diff > 0).mean() > 0.5  # main carries the planted features
+        expected = np.zeros(nib.load(mask).shape)
+        expected[tuple(xyz.T)] = diff
+        np.testing.assert_allclose(data, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(affine, nib.load(mask).affine)
+        assert kwargs["title"] == f"{base_path.stem}: main − base"
+        diffs.append(diff)
+    limit = max(np.abs(d).max() for d in diffs)
+    for _, _, kwargs in stat_maps:
+        assert (kwargs["vmin"], kwargs["vmax"]) == pytest.approx((-limit, limit), rel=1e-5)
     arrays, ids, attrs = read_encoding(encodings[0])
     assert arrays["r2"].shape == (len(ids), SPEC["things"]["n_sessions"]) and attrs["leaky"] is False
+
+
+def _mask(path: Path, shape=(5, 6, 4)) -> Path:
+    affine = np.array([[2.0, 0, 0, -4], [0, 2.5, 0, -6], [0, 0, 3, 1], [0, 0, 0, 1]])
+    data = np.zeros(shape, dtype=np.uint8)
+    data[1:4, 1:5, 1:3] = 1
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def test_volume_image_puts_values_at_their_voxels(tmp_path):
+    from metalign.brain.figures import volume_image
+
+    mask = _mask(tmp_path / "mask.nii.gz")
+    rng = np.random.default_rng(3)
+    xyz = np.array(np.unravel_index(rng.choice(5 * 6 * 4, 15, replace=False), (5, 6, 4))).T
+    values = rng.normal(size=15).astype(np.float32)
+    image, mask_image = volume_image(values, xyz, mask)
+    data = image.get_fdata()
+    assert data.shape == (5, 6, 4)
+    np.testing.assert_array_equal(data[tuple(xyz.T)], values)
+    outside = np.ones(data.shape, dtype=bool)
+    outside[tuple(xyz.T)] = False
+    assert (data[outside] == 0).all() and outside.sum() == 5 * 6 * 4 - 15
+    np.testing.assert_array_equal(image.affine, nib.load(mask).affine)
+    np.testing.assert_array_equal(mask_image.get_fdata(), nib.load(mask).get_fdata())
+    for bad in ([[0, 0, 4]], [[5, 0, 0]], [[0, -1, 0]]):
+        with pytest.raises(DataContractError, match=r"voxel coordinates fall outside its grid \(5, 6, 4\)"):
+            volume_image(np.ones(1), np.array(bad), mask)
+    with pytest.raises(DataContractError, match="brain mask not found"):
+        volume_image(values, xyz, tmp_path / "absent.nii.gz")
+
+
+def _encoding_file(path: Path, r2: np.ndarray, xyz: np.ndarray | None, ids: list[str]) -> Path:
+    from metalign.io import write_h5
+
+    arrays = {"r2": r2.astype(np.float32), "nc": np.ones(len(ids))}
+    if xyz is not None:
+        arrays["xyz"] = xyz
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_h5(path, arrays, ids, {"scheme": "heldout_session"})
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")  # the all-NaN voxel, on purpose
+def test_cli_volume_difference_is_a_nanmean_over_folds(tmp_path, stat_maps):
+    """NaN folds are skipped per voxel; a voxel NaN in every fold is drawn as 0 (no value), not as a difference."""
+    mask = _mask(tmp_path / "mask.nii.gz", shape=(5, 6, 8))
+    rng = np.random.default_rng(4)
+    xyz = np.array([[1, 1, 1], [2, 3, 1], [3, 4, 2], [1, 2, 2]])
+    ids = [f"v{i}" for i in range(4)]
+    base_r2, meta_r2 = rng.uniform(0, 0.2, (4, 3)), rng.uniform(0, 0.4, (4, 3))
+    meta_r2[0, 1] = np.nan
+    base_r2[1, 2] = np.nan
+    base_r2[3] = np.nan
+    base = _encoding_file(tmp_path / "base" / "sub-01.h5", base_r2, xyz, ids)
+    meta = _encoding_file(tmp_path / "main" / "sub-01.h5", meta_r2, xyz, ids)
+    _run("figure-brain-volume", "--base", base, "--meta", meta, "--masks", mask, "--label", "main", "--title", "t",
+         "--out", tmp_path / "v.png")
+    stored = meta_r2.astype(np.float32).astype(float) - base_r2.astype(np.float32).astype(float)  # files: float32
+    expected = [row[np.isfinite(row)].mean() if np.isfinite(row).any() else 0.0 for row in stored]
+    assert expected[3] == 0.0 and len(stat_maps) == 1
+    data, _, kwargs = stat_maps[0]
+    np.testing.assert_allclose(data[tuple(xyz.T)], expected, rtol=1e-6)
+    assert np.count_nonzero(data) == 3
+    assert kwargs["vmax"] == pytest.approx(max(abs(e) for e in expected), rel=1e-6)
+    assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_volume_errors_name_the_problem(tmp_path):
+    mask = _mask(tmp_path / "mask.nii.gz")
+    xyz = np.array([[1, 1, 1], [2, 3, 1]])
+    r2 = np.full((2, 3), 0.1)
+    base = _encoding_file(tmp_path / "base" / "sub-01.h5", r2, xyz, ["v0", "v1"])
+    meta = _encoding_file(tmp_path / "main" / "sub-01.h5", r2, xyz, ["v0", "v1"])
+    out = ["--label", "main", "--title", "t", "--out", tmp_path / "v.png"]
+    with pytest.raises(DataContractError, match="--base, --meta and --masks need one file per subject"):
+        _run("figure-brain-volume", "--base", base, "--meta", meta, meta, "--masks", mask, *out)
+    other = _encoding_file(tmp_path / "main" / "sub-02.h5", r2, xyz, ["v0", "v1"])
+    with pytest.raises(DataContractError, match=r"subject mismatch: .*base/sub-01\.h5 vs .*main/sub-02\.h5"):
+        _run("figure-brain-volume", "--base", base, "--meta", other, "--masks", mask, *out)
+    for name, ids, coordinates in (("reordered", ["v1", "v0"], xyz), ("short", ["v0", "v1", "v2"], xyz[[0, 1, 1]])):
+        shuffled = _encoding_file(tmp_path / name / "sub-01.h5", np.full((len(ids), 3), 0.1), coordinates, ids)
+        with pytest.raises(DataContractError, match=f"{name}/sub-01.h5: voxels differ from .*base/sub-01.h5"):
+            _run("figure-brain-volume", "--base", base, "--meta", shuffled, "--masks", mask, *out)
+    no_xyz = _encoding_file(tmp_path / "noxyz" / "sub-01.h5", r2, None, ["v0", "v1"])
+    with pytest.raises(DataContractError, match="carry no coordinates"):
+        _run("figure-brain-volume", "--base", no_xyz, "--meta", meta, "--masks", mask, *out)
+    outside = _encoding_file(tmp_path / "far" / "sub-01.h5", r2, np.array([[1, 1, 1], [2, 6, 1]]), ["v0", "v1"])
+    with pytest.raises(DataContractError, match=r"mask\.nii\.gz: voxel coordinates fall outside its grid"):
+        _run("figure-brain-volume", "--base", outside, "--meta", outside, "--masks", mask, *out)
+    with pytest.raises(DataContractError, match="brain mask not found: .*absent.nii.gz"):
+        _run("figure-brain-volume", "--base", base, "--meta", meta, "--masks", tmp_path / "absent.nii.gz", *out)
+    assert not (tmp_path / "v.png").exists()
 
 
 def test_encoding_errors_name_the_problem(tmp_path, subject):

@@ -435,27 +435,62 @@ def test_stale_features_are_refused(demo_sets, tmp_path):
              "--out", tmp_path / "x.json")
 
 
-def test_tables_and_gain_figure(demo_sets, tmp_path):
+def test_tables_and_gain_figure(demo_sets, tmp_path, monkeypatch):
+    """effnet's meta accuracies are lowered by `shift` in its summaries, so its rows and points differ from vit's and
+    a mix-up of backbones shows in the table and in the figure."""
+    from metalign.downstream import figures as downstream_figures
+
     results = tmp_path / "downstream"
+    accuracies = {}  # (backbone, variant, task) → {k: accuracy over seeds}, as the summaries hold them
     for backbone, shift in (("vit", 0.0), ("effnet", 0.1)):
         for variant, kind in (("base", "random"), ("main", "planted")):
             for task in ("colon", "colon_copy"):
+                out = results / "fewshot" / task / backbone / f"{variant}.json"
                 _run("downstream-fewshot", "--task", task, *_split_args(demo_sets, kind, train="colon_train",
                                                                        test="colon_test"),
-                     "--shots", "1", "5", "--seeds", "0", "1", "--l2-reg", "1024",
-                     "--out", results / "fewshot" / task / backbone / f"{variant}.json")
+                     "--shots", "1", "5", "--seeds", "0", "1", "--l2-reg", "1024", "--out", out)
+                summary = json.loads(out.read_text())
+                if variant == "main":
+                    summary.update({f"acc_{k}shot": summary[f"acc_{k}shot"] - shift for k in (1, 5)})
+                    out.write_text(json.dumps(summary))
+                accuracies[backbone, variant, task] = {k: summary[f"acc_{k}shot"] for k in (1, 5)}
     _run("downstream-fewshot-table", "--summaries", *sorted((results / "fewshot").rglob("*.json")),
          "--out", results / "fewshot.csv")
     table = pd.read_csv(results / "fewshot.csv")
     assert list(table.columns[:5]) == ["backbone", "variant", "representation", "mean_1shot", "mean_5shot"]
     assert len(table) == 4 and {"colon_5shot", "colon_5shot_sd", "colon_copy_1shot"} <= set(table.columns)
-    np.testing.assert_allclose(table["mean_5shot"], table[["colon_5shot", "colon_copy_5shot"]].mean(axis=1))
+    mean = {(b, v, k): np.mean([accuracies[b, v, t][k] for t in ("colon", "colon_copy")])
+            for b in ("vit", "effnet") for v in ("base", "main") for k in (1, 5)}
+    for row in table.itertuples():
+        assert (row.mean_1shot, row.mean_5shot) == pytest.approx((mean[row.backbone, row.variant, 1],
+                                                                  mean[row.backbone, row.variant, 5]), abs=1e-12)
+        assert row.colon_copy_5shot == pytest.approx(accuracies[row.backbone, row.variant, "colon_copy"][5])
+    assert mean["vit", "main", 5] - mean["effnet", "main", 5] == pytest.approx(0.1)
     alignment = pd.DataFrame({"backbone": ["effnet", "effnet", "vit", "vit"], "variant": ["base", "main"] * 2,
                               "representation": ["base", "meta"] * 2, "zero_shot_acc": [0.4, 0.45, 0.35, 0.34]})
     write_csv(tmp_path / "things_ooo.csv", alignment)
+    drawn, draw = [], downstream_figures.draw_gain
+
+    def keep(*args):
+        drawn.append(draw(*args))
+        return drawn[-1]
+
+    monkeypatch.setattr(downstream_figures, "draw_gain", keep)  # the figure the CLI saves, kept to read its points
     _run("figure-downstream", "--alignment", tmp_path / "things_ooo.csv", "--tables", results / "fewshot.csv",
          "--out", tmp_path / "gain.png")
-    assert (tmp_path / "gain.png").stat().st_size > 5000
+    assert (tmp_path / "gain.png").read_bytes()[:4] == b"\x89PNG"
+    # one panel per shot count; per backbone one point (Δ zero-shot accuracy, Δ mean k-shot accuracy), meta − base
+    (fig,) = drawn
+    panels = [ax for ax in fig.axes if ax.collections]
+    assert [ax.get_ylabel().split("\n")[0] for ax in panels] == ["Δ 1-shot accuracy", "Δ 5-shot accuracy"]
+    gain = {"effnet": 0.45 - 0.4, "vit": 0.34 - 0.35}
+    for ax, k in zip(panels, (1, 5)):
+        offsets = {c.get_gid(): c.get_offsets() for c in ax.collections}
+        assert set(offsets) == {"vit", "effnet"}
+        for backbone, points in offsets.items():
+            delta = mean[backbone, "main", k] - mean[backbone, "base", k]
+            np.testing.assert_allclose(points, [[gain[backbone], delta]], atol=1e-12)
+        assert offsets["vit"][0, 1] - offsets["effnet"][0, 1] == pytest.approx(0.1)
 
 
 def test_config_checks_name_the_key():

@@ -72,9 +72,9 @@ def test_kill_9_then_resume_gives_identical_bytes(tiny_vit, tmp_path, caplog):
     command = [sys.executable, "-c", _CHILD, "extract", "--backbone", json.dumps(entry), "--manifest", str(manifest),
                "--out", str(out), "--batch-size", "4", "--device", "cpu", "--threads", "1"]
     child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 600  # only a hung child: importing torch on a loaded machine can take a minute
     while _n_done(partial) < 20 and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
+        time.sleep(0.01)
     assert child.poll() is None, f"extraction finished before it could be killed: {child.stderr.read()[-500:]}"
     os.kill(child.pid, signal.SIGKILL)
     child.wait()

@@ -238,9 +238,17 @@ def test_tsne_one_colour_per_label_and_legend_outside():
     close(fig)
 
 
-def test_figure_things_cli_with_and_without_stats(tmp_path):
+def test_figure_things_cli_with_and_without_stats(tmp_path, monkeypatch):
+    """The CLI draws what its CSV files hold: accuracies with Wilson intervals and, given --stats, the R² panel."""
     from metalign.behaviour import cli as behaviour_cli
 
+    saved, save = [], behaviour_figures.save_figure
+
+    def keep(fig, out):
+        saved.append(fig)
+        save(fig, out)
+
+    monkeypatch.setattr(behaviour_figures, "save_figure", keep)
     parser = argparse.ArgumentParser()
     behaviour_cli.register(parser.add_subparsers())
     things_table().to_csv(tmp_path / "things.csv", index=False)
@@ -250,6 +258,27 @@ def test_figure_things_cli_with_and_without_stats(tmp_path):
                                   "--out", str(tmp_path / name), *extra])
         args.func(args)
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    table, stats = pd.read_csv(tmp_path / "things.csv"), pd.read_csv(tmp_path / "stats.csv")
+    for fig, n_panels in zip(saved, (2, 3)):
+        axes = [ax for ax in fig.axes if ax.containers]
+        assert len(axes) == n_panels
+        for ax, (column, count) in zip(axes, (("zero_shot_acc", "n_triplets"), ("cv_acc", "n_trials"))):
+            points = plotted(ax)
+            assert set(points) == set(zip(table["backbone"], table["variant"]))
+            for row in table.to_dict("records"):
+                assert points[(row["backbone"], row["variant"])] == pytest.approx(
+                    (row[column], *wilson(row[column], row[count])))
+    r2_panel = [ax for ax in saved[1].axes if ax.containers][-1]
+    points = plotted(r2_panel)
+    first = stats.drop_duplicates(["backbone", "model"])  # base from main_vs_base, as the statistics define it
+    assert set(points) == set(zip(first["backbone"], first["model"]))
+    for row in first.itertuples():
+        half = scipy_stats.t.ppf(0.975, row.n_participants - 1) * row.r2_participant_sem
+        assert points[(row.backbone, row.model)] == pytest.approx(
+            (row.r2_participant_mean, row.r2_participant_mean - half, row.r2_participant_mean + half))
+    assert [line.get_ydata()[0] for line in gid_lines(r2_panel, "noise-ceiling")] == pytest.approx([0.6])
+    for fig in saved:
+        close(fig)
 
 
 # ----------------------------------------------------------------------------------------------- training

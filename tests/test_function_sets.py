@@ -14,6 +14,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -275,7 +276,9 @@ def test_neurons_cli_reads_a_block_output(tmp_path):
          "--out", str(tmp_path / "raw6.h5"), "--min-nonzero", "50", "--sl", "40"])
     codes = read_codes(tmp_path / "raw6.h5")
     assert codes.attrs["layer"] == 6 and codes.attrs["source"]["attrs"]["output"] == "layer_6"
-    np.testing.assert_allclose(codes.targets, neuron_targets(X)[0])
+    dense_median = np.median(X[:, :4], axis=0)  # columns 0-3 are dense (median split), column 4 is 70 % zeros
+    np.testing.assert_allclose(codes.targets[:, :4], X[:, :4] - dense_median, atol=1e-6)
+    np.testing.assert_array_equal(codes.targets[:, 4], X[:, 4])
     with pytest.raises(DataContractError, match="layer_3"):
         cli(["functions-neurons", "--features", str(tmp_path / "clip.h5"), "--output", "layer_3",
              "--out", str(tmp_path / "raw3.h5")])
@@ -347,21 +350,30 @@ def test_similarity_levels_are_ordered_and_extreme(tmp_path):
     assert len(similarity_subset(sim, 0.5, "low")) == round(0.5 * codes.n_functions)
 
 
+def documented_draw(n: int, fraction: float, seed: int) -> np.ndarray:
+    """docs/methods.md §3: round(fraction·F) of the F functions drawn without replacement from a generator seeded
+    with `seed`, kept in ascending order."""
+    return np.sort(np.random.default_rng(seed).choice(n, round(fraction * n), replace=False))
+
+
 def test_random_subset_fractions_and_files(tmp_path):
-    codes, _ = clustered_codes(tmp_path)
+    codes, dense = clustered_codes(tmp_path)
     F = codes.n_functions
     for fraction in (0.2, 0.4, 0.6, 0.8):
         chosen = random_subset(F, fraction, seed=3)
-        assert len(chosen) == round(fraction * F) and len(set(chosen)) == len(chosen) and (np.diff(chosen) > 0).all()
-        np.testing.assert_array_equal(chosen, random_subset(F, fraction, seed=3))
+        np.testing.assert_array_equal(chosen, documented_draw(F, fraction, 3))
+        assert len(chosen) == round(fraction * F) and (np.diff(chosen) > 0).all()
     assert not np.array_equal(random_subset(F, 0.5, 3), random_subset(F, 0.5, 4))
+    with pytest.raises(ValueError, match=r"fraction must lie in \(0, 1\], got 1.5"):
+        random_subset(F, 1.5, 3)
 
     parent = tmp_path / "parent.h5"
     out = tmp_path / "sub" / "coco_train.h5"
     cli(["functions-subset", "--parent", str(parent), "--out", str(out), "--fraction", "0.4", "--seed", "3"])
     subset = read_codes(out)
-    np.testing.assert_array_equal(subset.latent_id, codes.latent_id[random_subset(F, 0.4, 3)])
-    np.testing.assert_array_equal(subset.nnz, codes.nnz[random_subset(F, 0.4, 3)])
+    expected = documented_draw(F, 0.4, 3)
+    np.testing.assert_array_equal(subset.latent_id, codes.latent_id[expected])
+    np.testing.assert_array_equal(subset.nnz, codes.nnz[expected])
     np.testing.assert_array_equal(subset.indices, codes.indices)  # the parent's codes, through links
     with h5py.File(out) as handle:
         assert isinstance(handle.get("indices", getlink=True), h5py.ExternalLink)
@@ -369,7 +381,8 @@ def test_random_subset_fractions_and_files(tmp_path):
     assert out.stat().st_size < parent.stat().st_size / 4
     record = subset.attrs["subset"]
     assert record["method"] == "random" and record["n_functions"] == round(0.4 * F)
-    assert record["mean_similarity"] == pytest.approx(mean_pairwise(similarity_matrix(codes), random_subset(F, 0.4, 3)))
+    pearson = np.corrcoef(dense[:, codes.latent_id[expected]], rowvar=False)
+    assert record["mean_similarity"] == pytest.approx(pearson[~np.eye(len(expected), dtype=bool)].mean(), abs=1e-5)
 
     cli(["functions-subset", "--parent", str(parent), "--out", str(tmp_path / "high.h5"), "--fraction", "0.5",
          "--similarity", "high"])
@@ -382,6 +395,56 @@ def test_random_subset_fractions_and_files(tmp_path):
     parent.unlink()
     with pytest.raises(DataContractError, match="lacks"):
         read_codes(out)
+
+
+def test_functions_summary_cli_reports_each_file(tmp_path):
+    codes, dense = clustered_codes(tmp_path)
+    root = tmp_path / "functions"
+    main = root / "main" / "coco_train.h5"
+    write_codes(main, codes.ids, codes.indices, codes.values, 36, min_nonzero=100, sl=20, provenance={})
+    cli(["functions-subset", "--parent", str(main), "--out", str(root / "sub40" / "coco_train.h5"), "--fraction", "0.4",
+         "--seed", "3"])
+    cli(["functions-subset", "--parent", str(main), "--out", str(root / "simhigh" / "coco_train.h5"), "--fraction",
+         "0.5", "--similarity", "high"])
+    X = neuron_features()
+    write_neurons(root / "raw" / "coco_val.h5", [f"img{i}" for i in range(len(X))], X, 50, 40, {})
+    inputs = [root / name for name in ("main/coco_train.h5", "sub40/coco_train.h5", "simhigh/coco_train.h5",
+                                       "raw/coco_val.h5")]
+    cli(["functions-summary", "--inputs", *map(str, inputs), "--out", str(tmp_path / "summary.csv")])
+    table = pd.read_csv(tmp_path / "summary.csv").set_index("function_set")
+
+    # the reference: the planted codes themselves (nnz per latent, Pearson correlations of the dense activations)
+    nnz = (dense != 0).sum(axis=0)
+    kept = np.flatnonzero(nnz >= 100)
+    pearson = np.corrcoef(dense[:, kept], rowvar=False)
+
+    def mean_offdiagonal(positions: np.ndarray) -> float:
+        block = pearson[np.ix_(positions, positions)]
+        return block[~np.eye(len(positions), dtype=bool)].mean()
+
+    random = documented_draw(len(kept), 0.4, 3)
+    high = read_codes(root / "simhigh" / "coco_train.h5").latent_id
+    high_positions = np.searchsorted(kept, high)
+    np.testing.assert_array_equal(kept[high_positions], high)
+    assert list(table.index) == ["main", "sub40", "simhigh", "raw"]
+    assert list(table["split"]) == ["coco_train"] * 3 + ["coco_val"]
+    assert list(table["kind"]) == ["sparse"] * 3 + ["neurons"]
+    assert list(table["n_functions"]) == [len(kept), len(random), round(0.5 * len(kept)), 5]
+    assert list(table["n_columns"]) == [36, 36, 36, 5] and list(table["n_rows"]) == [3000] * 3 + [600]
+    median = np.median(X[:, :4], axis=0)
+    neuron_nnz = np.concatenate([(X[:, :4] > median).sum(axis=0), [(X[:, 4] != 0).sum()]])
+    np.testing.assert_allclose(table["mean_nnz"], [nnz[kept].mean(), nnz[kept][random].mean(),
+                                                   nnz[high].mean(), neuron_nnz.mean()])
+    assert table.loc["main", ["method", "fraction", "seed", "level"]].isna().all()
+    assert table.loc["sub40", "method"] == "random" and table.loc["sub40", "seed"] == 3
+    assert table.loc["simhigh", "method"] == "similarity" and table.loc["simhigh", "level"] == "high"
+    assert table.loc["sub40", "fraction"] == 0.4 and table.loc["simhigh", "fraction"] == 0.5
+    assert table.loc["sub40", "mean_similarity"] == pytest.approx(mean_offdiagonal(random), abs=1e-5)
+    assert table.loc["simhigh", "mean_similarity"] == pytest.approx(mean_offdiagonal(high_positions), abs=1e-5)
+    for name in ("sub40", "simhigh"):
+        assert table.loc[name, "parent_mean_similarity"] == pytest.approx(mean_offdiagonal(np.arange(len(kept))),
+                                                                          abs=1e-5)
+    assert table.loc["simhigh", "mean_similarity"] > table.loc["sub40", "mean_similarity"]
 
 
 # ----------------------------------------------------------------------------------------------- config

@@ -4,6 +4,7 @@ selection, code files and the CLI."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import numpy as np
@@ -92,7 +93,6 @@ def test_trainer_recovers_planted_dictionary():
     X = X * 3.0 + 2.0  # the scalar input scaling and the mean initialisation are folded back correctly
     sae, metrics = train_sae(X, expansion=4, k=4, steps=1000, batch_size=256, lr=3e-3, seed=0)
     assert metrics["explained_variance"] > 0.9
-    assert 0 < metrics["alive_fraction"] <= 1
     learned = sae.W_dec.detach().numpy()
     np.testing.assert_allclose(np.linalg.norm(learned, axis=1), 1.0, atol=1e-5)
     assert (dictionary @ learned.T).max(axis=1).min() > 0.9  # every planted atom has a learned twin
@@ -105,6 +105,8 @@ def test_trainer_recovers_planted_dictionary():
     residual = X - (dense @ weights["W_dec"] + weights["b_dec"])
     expected = 1 - (residual ** 2).sum() / ((X - X.mean(0)) ** 2).sum()
     assert metrics["explained_variance"] == pytest.approx(expected, abs=1e-4)
+    # alive = latents non-zero on at least one training row, out of d_sae
+    assert metrics["alive_fraction"] == (dense != 0).any(axis=0).sum() / sae.d_sae
 
 
 def test_trainer_is_deterministic_given_seed():
@@ -273,9 +275,23 @@ def test_cli_train_encode_select(tmp_path):
     sae_path, codes_path, metrics = tmp_path / "sae.pt", tmp_path / "codes.h5", tmp_path / "metrics.json"
     cli(["sae-train", "--features", str(features), "--out", str(sae_path), "--expansion", "2", "--k", "3",
          "--steps", "200", "--batch-size", "256", "--lr", "3e-3", "--seed", "1", "--metrics", str(metrics)])
-    assert metrics.exists()
     sae, meta = load_sae(sae_path)
     assert meta["features"]["attrs"]["model_id"] == "planted" and meta["metrics"]["seed"] == 1
+    # the metrics file: the quality of the saved SAE on the training rows, recomputed from its weights
+    written = json.loads(metrics.read_text())
+    assert written == meta["metrics"]
+    assert [written[key] for key in ("n_rows", "d_in", "d_sae", "k", "steps")] == [2000, 16, 32, 3, 200]
+    weights = {name: getattr(sae, name).detach().numpy() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    indices, values = encode_topk(X, weights["W_enc"], weights["b_enc"], weights["b_dec"], 3)  # = naive_codes (above)
+    dense = np.zeros((len(X), 32))
+    np.put_along_axis(dense, indices, values, axis=1)
+    residual = X - (dense @ weights["W_dec"] + weights["b_dec"])
+    assert written["explained_variance"] == pytest.approx(1 - (residual ** 2).sum() / ((X - X.mean(0)) ** 2).sum(),
+                                                          abs=1e-4)
+    assert written["explained_variance"] > 0.5
+    assert written["alive_fraction"] == (dense != 0).any(axis=0).mean()
+    trace = written["loss_trace"]
+    assert trace[0]["step"] == 0 and trace[-1]["step"] == 199 and trace[-1]["mse"] < 0.5 * trace[0]["mse"]
 
     cli(["sae-encode", "--sae", str(sae_path), "--features", str(features), "--out", str(codes_path),
          "--min-nonzero", "50", "--sl", "40"])

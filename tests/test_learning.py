@@ -306,10 +306,65 @@ def test_cli_category_and_reward(tmp_path):
         assert sorted(trials["trial"]) == list(range(len(trials))) and summary["n_participants"] == 3
     category_summary = json.loads((tmp_path / "category" / "s.json").read_text())
     assert category_summary["c_selection"] == "causal" and category_summary["scoring"] == "in_sample"
-    assert "n_sessions_smallest_c" in category_summary and "n_log_t_at_bound" in category_summary
+    # reference per participant: the prequential C path (docs/methods.md P-25) over online learners of every grid C,
+    # and log T minimising the mean NLL of softmax(values / T) within the study's bounds |log T| <= 4.6
+    features = images.features().astype(np.float32).astype(np.float64)  # as stored in f.h5
+    row_of = {image_id: i for i, image_id in enumerate(images.image_ids)}
+    trials = pd.read_parquet(tmp_path / "category" / "t.parquet").sort_values("trial")
+    smallest, at_bound = 0, 0
+    for participant, session in category.groupby("participant", sort=True):
+        x = features[[row_of[path.split("stimuli/")[1]] for path in session["image"]]]
+        y = session["true_category_binary"].to_numpy()
+        scored = np.stack([lr.online_logistic(x, y, c)[np.arange(len(y)), y] for c in lr.C_GRID])
+        past = np.cumsum(np.concatenate([np.zeros((len(lr.C_GRID), 1)), scored[:, :-1]], axis=1), axis=1)
+        c_path = lr.C_GRID[np.argmax(past, axis=0)]  # first maximum: ties go to the smallest C
+        recorded = category_summary["participants"][participant]
+        np.testing.assert_array_equal(recorded["C"], c_path)
+        smallest += int(c_path[-1] == lr.C_GRID[0])
+        mine = trials[trials["subject_id"] == participant]
+        values = mine[["value0", "value1"]].to_numpy()
+        chosen = category["choice"].to_numpy()[mine["trial"]]
+
+        def mean_nll(log_t: float) -> float:
+            scaled = values * math.exp(-log_t)
+            return float(np.mean(np.logaddexp(scaled[:, 0], scaled[:, 1]) - scaled[np.arange(len(scaled)), chosen]))
+
+        log_t = minimize_scalar(mean_nll, bounds=(-4.6, 4.6), method="bounded", options={"xatol": 1e-9}).x
+        assert recorded["log_t"] == pytest.approx(log_t, abs=1e-3)
+        at_bound += int(4.6 - abs(log_t) < 1e-3)
+    assert category_summary["n_sessions_smallest_c"] == smallest
+    assert category_summary["n_log_t_at_bound"] == at_bound
+
     reward_summary = json.loads((tmp_path / "reward" / "s.json").read_text())
     assert (reward_summary["scoring"], reward_summary["temperature"]) == ("loo", "hierarchical")
-    assert reward_summary["beta_sd"] >= 0 and all("beta" in p for p in reward_summary["participants"].values())
+    # reference: the Laplace-approximated marginal likelihood of β_p ~ N(μ, τ²), P(choice) = σ(β_p a) (docs/methods.md)
+    trials = pd.read_parquet(tmp_path / "reward" / "t.parquet")
+    signed = np.where(reward["choice"].to_numpy()[trials["trial"]] == 1, 1.0, -1.0)
+    margin = signed * (trials["value1"] - trials["value0"]).to_numpy()
+    margins = [margin[(trials["subject_id"] == p).to_numpy()] for p in sorted(set(trials["subject_id"]))]
+
+    def negative_log_marginal(mu: float, tau: float) -> float:
+        total = 0.0
+        for a in margins:
+            reach = tau ** 2 * np.abs(a).sum() * 1.01  # the conditional mode lies within τ²·Σ|a| of μ
+            penalised = lambda b: -log_expit(b * a).sum() + 0.5 * (b - mu) ** 2 / tau ** 2  # noqa: E731
+            b = minimize_scalar(penalised, bounds=(mu - reach, mu + reach), method="bounded",
+                                options={"xatol": 1e-12 * reach}).x
+            p = 1 / (1 + np.exp(-b * a))
+            total += penalised(b) + 0.5 * math.log1p((a ** 2 * p * (1 - p)).sum() * tau ** 2)
+        return total
+
+    everyone = np.concatenate(margins)
+    pooled = minimize_scalar(lambda b: -log_expit(b * everyone).sum(), bounds=(-10, 10), method="bounded",
+                             options={"xatol": 1e-12}).x
+    # one simulated temperature for all: the marginal likelihood grows as τ → 0, where it is the pooled likelihood
+    limit = -log_expit(pooled * everyone).sum()
+    mean, sd = reward_summary["beta_mean"], reward_summary["beta_sd"]
+    assert negative_log_marginal(pooled, 0.1 * pooled) > negative_log_marginal(pooled, 0.01 * pooled) > limit
+    assert negative_log_marginal(mean, sd) == pytest.approx(limit, abs=1e-5)
+    assert mean == pytest.approx(pooled, rel=1e-4) and 0 < sd < 0.01 * mean
+    betas = [p["beta"] for p in reward_summary["participants"].values()]
+    np.testing.assert_allclose(betas, mean, rtol=1e-2)
 
 
 # --------------------------------------------------------------------------------------------- real data

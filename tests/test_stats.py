@@ -4,6 +4,7 @@ THINGS scale, Wilcoxon / pseudo-R² across participants, comparison plans, Holm 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 
@@ -212,11 +213,11 @@ def test_cli_stats_noise_ceiling_and_figure(tmp_path):
                               "--out-summary", str(tmp_path / "o.json")])
     args.func(args)
     assert json.loads((tmp_path / "o.json").read_text())["noise_ceiling"] == 0.25
-    for backbone in ("b1", "b2"):
-        for variant, shift in (("base", 0.0), ("main", -0.1)):
-            path = tmp_path / "t" / backbone / f"{variant}.parquet"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _trials(6, 20, shift, hash((backbone, variant)) % 100).to_parquet(path)
+    for seed, (backbone, (variant, shift)) in enumerate(itertools.product(("b1", "b2"), (("base", 0.0),
+                                                                                       ("main", -0.1)))):
+        path = tmp_path / "t" / backbone / f"{variant}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _trials(6, 20, shift, seed).to_parquet(path)
     args = parser.parse_args(["behaviour-stats", "--benchmark", "things_ooo", "--trials",
                               *map(str, sorted((tmp_path / "t").rglob("*.parquet"))), "--n-choices", "3",
                               "--noise-ceiling", str(tmp_path / "nc.json"), "--out", str(tmp_path / "s.csv")])
@@ -228,7 +229,24 @@ def test_cli_stats_noise_ceiling_and_figure(tmp_path):
     bars = figures.bars_vs_base(table)
     assert bars.loc[bars["model"] == "base", "pxp"].isna().all()
     assert bars.loc[bars["model"] == "main", "pxp"].notna().all()
+    from tests.test_figures import filled, gid_lines, plotted
+
     args = parser.parse_args(["figure-behaviour", "--stats", str(tmp_path / "s.csv"), "--title", "t", "--out",
                               str(tmp_path / "f.png")])
-    args.func(args)
-    assert (tmp_path / "f.png").stat().st_size > 5000
+    saved, save = [], figures.save_figure
+    with pytest.MonkeyPatch.context() as patch:  # keep the Figure the CLI saves (still written) to read its points
+        patch.setattr(figures, "save_figure", lambda fig, out: (saved.append(fig), save(fig, out)))
+        args.func(args)
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    # one panel ("all"): per backbone and model the participant-mean R² with its 95% t interval, from the CSV
+    (ax,) = [ax for ax in saved[0].axes if ax.containers]
+    assert ax.get_title() == "all (n = 6 participants)"
+    points = plotted(ax)
+    assert set(points) == set(zip(table["backbone"], table["model"])) and len(points) == 4
+    for row in table.itertuples():
+        half = stats.t.ppf(0.975, row.n_participants - 1) * row.r2_participant_sem
+        assert points[(row.backbone, row.model)] == pytest.approx(
+            (row.r2_participant_mean, row.r2_participant_mean - half, row.r2_participant_mean + half), rel=1e-12)
+    assert [line.get_ydata()[0] for line in gid_lines(ax, "noise-ceiling")] == pytest.approx([ceiling["overall"]])
+    assert filled(ax) == {(row.backbone, row.model) for row in table.itertuples()
+                          if row.model == "base" or row.pxp >= 0.95}

@@ -461,9 +461,42 @@ def test_cli_train_and_encode(data, tmp_path):
                               "--out", str(tmp_path / "z.h5"), "--device", "cpu"])
     args.func(args)
     arrays, ids, attrs = read_h5(tmp_path / "z.h5")
-    _, source_ids, _ = read_h5(paths["val"][0])
-    assert ids == source_ids and arrays["features"].shape == (200, 24) and arrays["features"].dtype == np.float32
-    assert attrs["checkpoint_step"] == torch.load(tmp_path / "m.pt", weights_only=True)["step"]
+    order = np.random.default_rng(0).permutation(len(xv.ids))  # the stored row order of the val features
+    assert ids == list(np.array(xv.ids)[order]) and arrays["features"].dtype == np.float32
+    ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
+    w, b = ckpt["state_dict"]["embed.weight"].numpy(), ckpt["state_dict"]["embed.bias"].numpy()
+    assert w.shape == (24, D + 1)  # embed([m, x]): column 0 reads the previous magnitude, 0 when encoding
+    np.testing.assert_allclose(arrays["features"], xv.values[order] @ w[:, 1:].T + b, rtol=1e-5, atol=1e-5)
+    assert attrs["checkpoint_step"] == ckpt["step"]
     assert attrs["model_config"]["d_in"] == D and attrs["source_attrs"]["model"] == "toy"
     with h5py.File(tmp_path / "z.h5") as handle:
         assert set(handle) == {"features", "ids"}
+
+    # features of another width: the error names the checkpoint and both widths, and nothing is written
+    write_h5(tmp_path / "wide.h5", {"features": np.zeros((5, D + 3), np.float32)}, list("abcde"), {})
+    args = parser.parse_args(["encode", "--ckpt", str(tmp_path / "m.pt"), "--features", str(tmp_path / "wide.h5"),
+                              "--out", str(tmp_path / "wide_z.h5"), "--device", "cpu"])
+    with pytest.raises(DataContractError, match=rf"m\.pt: encoder expects \(N, {D}\) features, got \(5, {D + 3}\)"):
+        args.func(args)
+    assert not (tmp_path / "wide_z.h5").exists()
+
+
+@pytest.mark.parametrize("params, message", [
+    ('{"steps": 10,', r"^--params is neither a JSON object nor a JSON file: Expecting"),
+    ("[1, 2]", r"^--params must be a JSON object, got list"),
+    ("scalar.json", r"^--params file scalar\.json must be a JSON object, got int"),
+    ("broken.json", r"^--params file broken\.json is not valid JSON: Expecting"),
+    ("absent.json", r"^--params 'absent\.json' is neither a JSON object nor a JSON file"),
+])
+def test_cli_train_rejects_bad_params(tmp_path, monkeypatch, params, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scalar.json").write_text("7")
+    (tmp_path / "broken.json").write_text('{"steps": 10')
+    parser = argparse.ArgumentParser()
+    train_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--train-features", "tx.h5", "--train-codes", "tc.h5", "--val-features", "vx.h5",
+                              "--val-codes", "vc.h5", "--params", params, "--out-ckpt", "m.pt",
+                              "--out-metrics", "m.csv", "--device", "cpu"])
+    with pytest.raises(ValueError, match=message):
+        args.func(args)
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "m.csv").exists()

@@ -15,10 +15,11 @@ from metalign.functions.codes import Codes, read_codes, write_codes, write_neuro
 from metalign.functions.select import function_stats, select_functions
 from metalign.io import DataContractError, write_h5
 from metalign.train import cli as train_cli
+from metalign.train import figures as train_figures
 from metalign.train import icl
 from metalign.train.data import Features
 from metalign.train.loop import train
-from metalign.train.model import ModelConfig, build_model, load_encoder, parameter_groups
+from metalign.train.model import ModelConfig, build_model, load_encoder, model_from_checkpoint, parameter_groups
 
 D = 16
 FAST = dict(seed=7, sl=20, batch_size=32, lr=3e-3, log_every=5, n_eval_episodes_per_function=4, min_step=0,
@@ -245,51 +246,93 @@ def test_lstm_and_neuron_targets_learn(data, tmp_path):
 # ------------------------------------------------------------------------------------------------- ICL
 
 
-def test_icl_curves_fixed_episodes_and_figure(data, tmp_path):
+def reference_icl(ckpt: dict, x: np.ndarray, rows: np.ndarray, labels: np.ndarray, mags: np.ndarray) -> dict:
+    """ICL curves written out from docs/methods.md §5/§8: token t is [m_{t-1}/sigma_m, x_t] (m_0 = 0) through the
+    checkpoint's own layers, one forward pass, then accuracy of 1[σ(ℓ) > .5] and the two MSEs per position."""
+    model = model_from_checkpoint(ckpt)
+    sigma = float(ckpt["sigma_m"])
+    previous = np.concatenate([np.zeros((len(mags), 1), np.float32), mags[:, :-1]], axis=1) / sigma
+    features = torch.from_numpy(x[rows])
+    with torch.no_grad():
+        if model.config.no_embed:  # the token is x_t + w·m_{t-1}/sigma_m + b
+            tokens = features + model.previous(torch.from_numpy(previous[..., None].astype(np.float32)))
+        else:
+            tokens = model.embed(torch.cat([torch.from_numpy(previous[..., None].astype(np.float32)), features], -1))
+        h = model.ln_f(model.core(tokens))
+        logit = model.logit_head(h)[..., 0].numpy()
+        scale = sigma if model.config.mag_units == "sigma" else 1.0
+        mag_pred = model.mag_head(h)[..., 0].numpy() * scale
+    positive = labels > 0
+    squared = (mag_pred.astype(np.float64) - mags) ** 2
+    return {"acc": ((1 / (1 + np.exp(-logit)) > 0.5) == positive).mean(axis=0),
+            "mse_pos": np.array([squared[positive[:, t], t].mean() for t in range(rows.shape[1])]),
+            "mse_all": squared.mean(axis=0), "n_pos": positive.sum(axis=0), "mag_pred": mag_pred}
+
+
+def test_icl_curves_fixed_episodes_and_figure(data, tmp_path, monkeypatch):
     _, main = fit(data, tmp_path, "main", steps=150)
     _, noemb = fit(data, tmp_path, "noemb", steps=60, no_embed=True, hidden=D)
     features, codes = data["val"]
     ckpt = torch.load(main, weights_only=True)
     curves = icl.icl_curves(ckpt, features, codes, n_per_function=30, seed=3)
     episodes = curves["episodes"]
-    assert curves["acc"].shape == (20,) and curves["acc"].mean() > 0.8  # chance: 0.5
-    squared = (curves["mag_pred"] - episodes.mags) ** 2
-    t = 7
-    positive = episodes.labels[:, t] == 1
-    assert curves["mse_pos"][t] == pytest.approx(squared[positive, t].mean(), rel=1e-5)
-    assert curves["mse_all"][t] == pytest.approx(squared[:, t].mean(), rel=1e-5)
-    assert curves["n_pos"][t] == positive.sum()
+    assert episodes.rows.shape == (180, 20) and curves["acc"].shape == (20,)
+    # the episodes are the codes: function j's label and magnitude at each row (planted latent 2j+1 = column j)
+    column = (codes.latent_id[episodes.functions] - 1) // 2
+    np.testing.assert_array_equal(episodes.mags, codes.values[episodes.rows, column[:, None]])
+    np.testing.assert_array_equal(episodes.labels, episodes.mags > 0)
+    reference = reference_icl(ckpt, features.values, episodes.rows, episodes.labels, episodes.mags)
+    np.testing.assert_array_equal(curves["acc"], reference["acc"])
+    np.testing.assert_allclose(curves["mag_pred"], reference["mag_pred"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(curves["mse_pos"], reference["mse_pos"], rtol=1e-5)
+    np.testing.assert_allclose(curves["mse_all"], reference["mse_all"], rtol=1e-5)
+    np.testing.assert_array_equal(curves["n_pos"], reference["n_pos"])
+    assert reference["acc"].mean() > 0.8 and reference["acc"][1:].min() > 0.6  # chance: 0.5
 
-    # the same episodes for another model and another backbone (other features, same image ids)
+    # the same episodes for another model and another backbone (other features, same image ids in another order)
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
     train_cli.register(sub)
+    other_values = np.random.default_rng(1).standard_normal((240, D)).astype(np.float32)
     other_backbone = tmp_path / "other.h5"
-    write_h5(other_backbone, {"features": np.random.default_rng(1).standard_normal((240, D)).astype(np.float32)},
-             features.ids[::-1], {})
+    write_h5(other_backbone, {"features": other_values}, features.ids[::-1], {})
     write_h5(tmp_path / "val.h5", {"features": features.values}, features.ids, {})
     write_codes(tmp_path / "val_codes.h5", codes.ids, codes.indices, codes.values, 12, 20, 20, {})
-    outputs = []
-    for name, ckpt_path, feature_path in (("main", main, tmp_path / "val.h5"), ("noemb", noemb, tmp_path / "val.h5"),
-                                          ("other", main, other_backbone)):
+    runs = {"main": (main, features.values), "noemb": (noemb, features.values), "other": (main, other_values[::-1])}
+    outputs, expected = [], {}
+    for name, (ckpt_path, aligned) in runs.items():
+        feature_path = other_backbone if name == "other" else tmp_path / "val.h5"
         out = tmp_path / "icl" / name / "model.h5"
         args = parser.parse_args(["icl-eval", "--ckpt", str(ckpt_path), "--features", str(feature_path), "--codes",
                                   str(tmp_path / "val_codes.h5"), "--out", str(out), "--n-per-function", "30",
                                   "--seed", "3", "--device", "cpu"])
         args.func(args)
         outputs.append(out)
-    hashes = []
-    for out in outputs:
+        expected[name] = reference_icl(torch.load(ckpt_path, weights_only=True), np.ascontiguousarray(aligned),
+                                       episodes.rows, episodes.labels, episodes.mags)
         with h5py.File(out) as handle:
-            hashes.append(handle.attrs["episodes_sha256"])
-            assert handle["acc"].shape == (20,) and handle["outputs/prob"].shape == (180, 20)
-    assert len(set(hashes)) == 1
-    with h5py.File(outputs[0]) as handle:
-        np.testing.assert_allclose(handle["acc"][:], curves["acc"])
+            np.testing.assert_array_equal(handle["episodes/rows"][:], episodes.rows)
+            np.testing.assert_array_equal(handle["episodes/labels"][:], episodes.labels)
+            np.testing.assert_array_equal(handle["acc"][:], expected[name]["acc"])
+            np.testing.assert_allclose(handle["mse_pos"][:], expected[name]["mse_pos"], rtol=1e-5)
+            np.testing.assert_allclose(handle["mse_all"][:], expected[name]["mse_all"], rtol=1e-5)
+            assert handle["outputs/prob"].shape == (180, 20)
+            hash_ = handle.attrs["episodes_sha256"]
+        assert hash_ == expected.setdefault("hash", hash_)
+    assert expected["other"]["acc"].mean() < 0.7 < expected["main"]["acc"].mean()  # noise features carry no function
 
+    # the figure plots exactly these curves: one row per backbone, one column per curve, one line per variant
+    drawn = []
+    monkeypatch.setattr(train_figures, "save_figure", lambda fig, out: drawn.append(fig))
     args = parser.parse_args(["figure-icl", "--inputs", *map(str, outputs), "--out", str(tmp_path / "icl.png")])
     args.func(args)
-    assert (tmp_path / "icl.png").stat().st_size > 10_000
+    (fig,) = drawn
+    axes = np.array(fig.axes[:9]).reshape(3, 3)
+    for row, name in enumerate(sorted(runs)):
+        for col, curve in enumerate(icl.CURVES):
+            (line,) = [line for line in axes[row, col].get_lines() if line.get_gid() == f"{name}/model"]
+            np.testing.assert_array_equal(line.get_xdata(), np.arange(1, 21))
+            np.testing.assert_allclose(line.get_ydata(), expected[name][curve], rtol=1e-5)
     # noemb has no representation: encode fails with a clear message
     args = parser.parse_args(["encode", "--ckpt", str(noemb), "--features", str(tmp_path / "val.h5"),
                               "--out", str(tmp_path / "z.h5"), "--device", "cpu"])

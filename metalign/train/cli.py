@@ -63,13 +63,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def parse_params(text: str) -> dict[str, Any]:
     """A JSON object given inline or as a file path."""
     path = Path(text)
-    source = path.read_text() if not text.lstrip().startswith("{") and path.is_file() else text
+    from_file = not text.lstrip().startswith("{") and path.is_file()
+    where = f"--params file {path}" if from_file else "--params"
     try:
-        params = json.loads(source)
+        params = json.loads(path.read_text() if from_file else text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"--params is neither a JSON object nor a JSON file: {err}") from None
+        if from_file:
+            raise ValueError(f"{where} is not valid JSON: {err}") from None
+        shown = "" if text.lstrip().startswith("{") else f" {text!r}"  # a mistyped path: name it
+        raise ValueError(f"--params{shown} is neither a JSON object nor a JSON file: {err}") from None
     if not isinstance(params, dict):
-        raise ValueError(f"--params must be a JSON object, got {type(params).__name__}")
+        raise ValueError(f"{where} must be a JSON object, got {type(params).__name__}")
     return params
 
 
