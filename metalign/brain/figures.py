@@ -89,9 +89,9 @@ def volume_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray, str | os.P
     from nilearn import plotting
 
     limit = max(float(np.nanmax(np.abs(values))) for _, values, _, _ in panels) or 1.0
+    images = [volume_image(np.nan_to_num(values), xyz, mask_path) for _, values, xyz, mask_path in panels]  # may raise
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 2.6 * len(panels)), squeeze=False)
-    for ax, (label, values, xyz, mask_path) in zip(axes[:, 0], panels):
-        image, mask = volume_image(np.nan_to_num(values), xyz, mask_path)
+    for ax, (label, *_), (image, mask) in zip(axes[:, 0], panels, images):
         display = plotting.plot_stat_map(image, bg_img=mask, axes=ax, display_mode="z", cut_coords=n_cuts,
                                          cmap="RdBu_r", vmin=-limit, vmax=limit, symmetric_cbar=True, threshold=1e-6,
                                          draw_cross=False, annotate=False, black_bg=False, title=label, colorbar=True)
