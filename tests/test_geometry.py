@@ -67,12 +67,18 @@ def test_coarse_separation_skips_empty_labels_and_averages_columns():
     assert result["mean"][0] == pytest.approx((result["kind"][0] + result["sparse"][0]) / 2)
 
 
-def test_bootstrap_is_seeded_and_procrustes_recovers_a_similarity_transform():
+def _noisy_world():
+    """16 concepts × 3 images, their labels and shapes, noisy image features and noisy concept embeddings."""
     images = synthetic_images(16, 3, seed=3)
     labels = np.array([i.split("/")[0] for i in images.image_ids])
     metadata = pd.DataFrame({"shape": images.coarse})
     noisy = images.features() + np.random.default_rng(4).normal(0, 0.3, images.features().shape)
     concepts = images.embedding + np.random.default_rng(5).normal(0, 0.3, images.embedding.shape)
+    return images, labels, metadata, noisy, concepts
+
+
+def test_bootstrap_is_seeded_and_procrustes_recovers_a_similarity_transform():
+    images, labels, metadata, noisy, concepts = _noisy_world()
     first = geo.geometry(noisy, labels, concepts, images.embedding, metadata, n_boot=20, seed=9)
     assert first == geo.geometry(noisy, labels, concepts, images.embedding, metadata, n_boot=20, seed=9)
     assert first != geo.geometry(noisy, labels, concepts, images.embedding, metadata, n_boot=20, seed=10)
@@ -92,11 +98,7 @@ def test_bootstrap_intervals_equal_a_plain_resampling():
     """The seeded bootstrap redone with plain numpy: the generator draws concepts (CKA), then image classes (fine), then
     metadata classes (coarse), each as `integers(0, n, n)` per replicate; a class drawn twice enters twice, as two
     classes. Every replicate is then scored with the direct formulas on the resampled data set."""
-    images = synthetic_images(16, 3, seed=3)
-    labels = np.array([i.split("/")[0] for i in images.image_ids])
-    metadata = pd.DataFrame({"shape": images.coarse})
-    noisy = images.features() + np.random.default_rng(4).normal(0, 0.3, images.features().shape)
-    concepts = images.embedding + np.random.default_rng(5).normal(0, 0.3, images.embedding.shape)
+    images, labels, metadata, noisy, concepts = _noisy_world()
     result = geo.geometry(noisy, labels, concepts, images.embedding, metadata, n_boot=40, seed=9)
 
     rng = np.random.default_rng(9)
