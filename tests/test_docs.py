@@ -1,5 +1,5 @@
-"""Citations resolve inside the repository: the code and docs cite only `docs/`, and every cited pitfall, file and
-section exists there."""
+"""Citations resolve inside the repository: the code and docs cite only `docs/`, every citation outside docs/ names
+its docs/ file, and every cited pitfall, file and section exists there."""
 
 from __future__ import annotations
 
@@ -35,6 +35,12 @@ def test_every_citation_resolves_in_docs():
             if not name.startswith("docs/"):  # docs/ also quotes other repositories' docs/ files as evidence
                 dangling += [f"{where} cites {m}" for m in re.findall(r"docs/[\w.-]+\.md", line)
                              if not (REPO / m).exists()]
+                # a section or pitfall number names its file on the same line: a bare "§7" or "P-41" could be read as
+                # a reference outside the repository
+                if re.search(r"§\d", line) and not re.search(r"docs/[\w.-]+\.md", line):
+                    dangling.append(f"{where} cites a section without naming its docs/ file")
+                if re.search(r"\bP-\d+\b", line) and "docs/methods.md" not in line:
+                    dangling.append(f"{where} cites a pitfall without naming docs/methods.md")
             dangling += [f"{where} cites datasets.md §{s}" for s in re.findall(r"datasets\.md §(\d+(?:\.\d+)*)", line)
                          if s not in sections]
             if re.search(r"protocols\.md|shared/reference", line):

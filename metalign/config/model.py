@@ -13,7 +13,7 @@ MODEL_TYPES = ("transformer", "lstm", "static_linear")
 SEQUENCE_TYPES = ("transformer", "lstm")  # episodic models; static_linear sees all functions of an image at once
 MAGNITUDE_UNITS = ("raw", "sigma")        # units of the magnitude head and of the hurdle MSE (docs/methods.md §6)
 R2_AVERAGES = ("batch", "pooled")         # how the selection R² combines evaluation batches (docs/methods.md §7)
-SAVE_RULES = ("min_delta", "any")         # which improvements save a new best once early stopping is active (§7)
+SAVE_RULES = ("min_delta", "any")         # improvements that save a new best once early stopping is on (docs/methods.md §7)
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class TrainConfig(ModelSettings):
     lr: float = 2.5e-4
     weight_decay: float = 0.0              # applied to every parameter except, unless decay_embed, the embed layer
     decay_embed: bool = False              # (the evaluated representation; docs/methods.md P-27) and, unless
-    decay_loss_weights: bool = True        # ... this is true (the study's rule), the loss weights s1, s2 (§7)
+    decay_loss_weights: bool = True        # ... true (the study's rule): loss weights s1, s2 too (docs/methods.md §7)
     eval_every: int = 100                  # steps between evaluations on the fixed validation episodes
     checkpoint_every: int = 100            # steps between resumable `.last.pt` checkpoints
     log_every: int = 10                    # steps averaged into one `train` row of the metrics CSV

@@ -147,7 +147,7 @@ class HurdleModel(nn.Module):
     """
 
     representation: tuple[str, ...] = ()  # submodules that encode() uses
-    decay_spared: tuple[str, ...] = ()    # submodules weight decay spares unless decay_embed (the study's rule, §7)
+    decay_spared: tuple[str, ...] = ()    # spared by weight decay unless decay_embed (study's rule, docs/methods.md §7)
 
     def __init__(self, c: ModelConfig, sigma_m: float | Sequence[float]):
         super().__init__()
