@@ -101,5 +101,6 @@ def _run() -> None:
            f"(places365), each scoring {TEST_CAP:,} test rows)"
            f"{'' if ours_s['imagenet'] < GOAL_IMAGENET_S else ' (goal not met)'}")
 
+
 if __name__ == "__main__":
     main()
