@@ -28,7 +28,7 @@ from metalign.config.demo import validate_fmri
 from metalign.demo import cli as demo_cli
 from metalign.demo import fmri as demo_fmri
 from metalign.io import DataContractError
-from tests.test_figures import filled, plotted, tick_labels
+from tests.test_figures import filled, keep_saved_figures, plotted, tick_labels
 
 ALPHAS = alpha_grid(-3, 5, 40)
 STUDY_ALPHAS = np.logspace(-6, 3, 100)  # upstream bin/eval_brain.py: RidgeCV(alphas=…, alpha_per_target=True)
@@ -426,24 +426,12 @@ def stat_maps(monkeypatch):
     return calls
 
 
-def _saved_figures(monkeypatch) -> list:
-    """Figures that metalign.brain.figures saves, kept (and still written) so that their artists can be read."""
-    from metalign.brain import figures as brain_figures
-
-    saved, real = [], brain_figures._save
-
-    def keep(fig, out):
-        saved.append(fig)
-        real(fig, out)
-
-    monkeypatch.setattr(brain_figures, "_save", keep)
-    return saved
-
-
 def test_cli_tables_and_figures(tmp_path, world, fmri_dir, monkeypatch, stat_maps):
     from metalign.io import write_h5
 
-    saved = _saved_figures(monkeypatch)
+    from metalign.brain import figures as brain_figures
+
+    saved = keep_saved_figures(monkeypatch, brain_figures)
     images, features = demo_fmri.read_world(world)
     rng = np.random.default_rng(2)
     feature_files = {"base": rng.standard_normal(features.shape),

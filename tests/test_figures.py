@@ -102,6 +102,19 @@ def wilson(share: float, n: int) -> tuple[float, float]:
     return float(min(roots)), float(max(roots))
 
 
+def keep_saved_figures(patch, module) -> list:
+    """The Figures `module.save_figure` is given, kept (and still written) so that a CLI test can read what it
+    plotted; `patch` is pytest's monkeypatch (or a MonkeyPatch.context())."""
+    saved, save = [], module.save_figure
+
+    def keep(fig, out) -> None:
+        saved.append(fig)
+        save(fig, out)
+
+    patch.setattr(module, "save_figure", keep)
+    return saved
+
+
 def close(fig) -> None:
     import matplotlib.pyplot as plt
 
@@ -242,13 +255,7 @@ def test_figure_things_cli_with_and_without_stats(tmp_path, monkeypatch):
     """The CLI draws what its CSV files hold: accuracies with Wilson intervals and, given --stats, the R² panel."""
     from metalign.behaviour import cli as behaviour_cli
 
-    saved, save = [], behaviour_figures.save_figure
-
-    def keep(fig, out):
-        saved.append(fig)
-        save(fig, out)
-
-    monkeypatch.setattr(behaviour_figures, "save_figure", keep)
+    saved = keep_saved_figures(monkeypatch, behaviour_figures)
     parser = argparse.ArgumentParser()
     behaviour_cli.register(parser.add_subparsers())
     things_table().to_csv(tmp_path / "things.csv", index=False)

@@ -15,7 +15,7 @@ from metalign.behaviour import cli as behaviour_cli
 from metalign.behaviour import geometry as geo
 from metalign.demo.learning import synthetic_images
 from metalign.io import write_h5
-from tests.test_figures import Z, plotted
+from tests.test_figures import Z, keep_saved_figures, plotted
 
 
 def _hsic_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -201,13 +201,7 @@ def test_cli_geometry_table_and_figures(tmp_path, monkeypatch):
                      **json.loads((tmp_path / "g" / "bb" / f"{variant}.json").read_text())})
     assert rows[0]["cka"] == pytest.approx(1.0) and rows[1]["cka"] < rows[0]["cka"]
     pd.DataFrame(rows).to_csv(tmp_path / "geometry.csv", index=False)
-    saved, save = [], behaviour_figures.save_figure
-
-    def keep(fig, out):
-        saved.append(fig)
-        save(fig, out)
-
-    monkeypatch.setattr(behaviour_figures, "save_figure", keep)  # the figures the CLI saves, kept to read back
+    saved = keep_saved_figures(monkeypatch, behaviour_figures)  # the figures the CLI saves, kept to read back
     for argv in (["figure-geometry", "--table", str(tmp_path / "geometry.csv"), "--out", str(tmp_path / "g.png")],
                  ["figure-tsne", "--base", str(tmp_path / "base.h5"), "--meta", str(tmp_path / "main.h5"),
                   "--manifest", str(tmp_path / "manifest.csv"), "--unique-ids", str(tmp_path / "unique_id.txt"),

@@ -229,13 +229,12 @@ def test_cli_stats_noise_ceiling_and_figure(tmp_path):
     bars = figures.bars_vs_base(table)
     assert bars.loc[bars["model"] == "base", "pxp"].isna().all()
     assert bars.loc[bars["model"] == "main", "pxp"].notna().all()
-    from tests.test_figures import filled, gid_lines, plotted
+    from tests.test_figures import filled, gid_lines, keep_saved_figures, plotted
 
     args = parser.parse_args(["figure-behaviour", "--stats", str(tmp_path / "s.csv"), "--title", "t", "--out",
                               str(tmp_path / "f.png")])
-    saved, save = [], figures.save_figure
     with pytest.MonkeyPatch.context() as patch:  # keep the Figure the CLI saves (still written) to read its points
-        patch.setattr(figures, "save_figure", lambda fig, out: (saved.append(fig), save(fig, out)))
+        saved = keep_saved_figures(patch, figures)
         args.func(args)
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     # one panel ("all"): per backbone and model the participant-mean R² with its 95% t interval, from the CSV

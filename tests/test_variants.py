@@ -20,6 +20,7 @@ from metalign.train import icl
 from metalign.train.data import Features
 from metalign.train.loop import train
 from metalign.train.model import ModelConfig, build_model, load_encoder, model_from_checkpoint, parameter_groups
+from tests.test_figures import keep_saved_figures
 
 D = 16
 FAST = dict(seed=7, sl=20, batch_size=32, lr=3e-3, log_every=5, n_eval_episodes_per_function=4, min_step=0,
@@ -322,8 +323,7 @@ def test_icl_curves_fixed_episodes_and_figure(data, tmp_path, monkeypatch):
     assert expected["other"]["acc"].mean() < 0.7 < expected["main"]["acc"].mean()  # noise features carry no function
 
     # the figure plots exactly these curves: one row per backbone, one column per curve, one line per variant
-    drawn = []
-    monkeypatch.setattr(train_figures, "save_figure", lambda fig, out: drawn.append(fig))
+    drawn = keep_saved_figures(monkeypatch, train_figures)
     args = parser.parse_args(["figure-icl", "--inputs", *map(str, outputs), "--out", str(tmp_path / "icl.png")])
     args.func(args)
     (fig,) = drawn

@@ -20,14 +20,9 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from metalign.io import DataContractError, atomic_path  # noqa: E402
+from metalign.io import DataContractError  # noqa: E402
 from metalign.plotting import BASE, grouped_points, outside_legend, panel_width, style_handles, styles  # noqa: E402
-
-
-def _save(fig: plt.Figure, out: str | os.PathLike) -> None:
-    with atomic_path(out, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
+from metalign.results import save_figure  # noqa: E402
 
 
 def draw_rois(folds: pd.DataFrame, stats: pd.DataFrame, title: str, roi_order: Sequence[str] = ()) -> Figure:
@@ -63,7 +58,7 @@ def draw_rois(folds: pd.DataFrame, stats: pd.DataFrame, title: str, roi_order: S
 
 def roi_figure(folds: pd.DataFrame, stats: pd.DataFrame, out: str | os.PathLike, title: str,
                roi_order: Sequence[str] = ()) -> None:
-    _save(draw_rois(folds, stats, title, roi_order), out)
+    save_figure(draw_rois(folds, stats, title, roi_order), out)
 
 
 def volume_image(values: np.ndarray, xyz: np.ndarray, mask_path: str | os.PathLike):
@@ -97,4 +92,4 @@ def volume_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray, str | os.P
                                          draw_cross=False, annotate=False, black_bg=False, title=label, colorbar=True)
         display.add_contours(mask, levels=[0.5], colors="grey", linewidths=0.8)
     fig.suptitle(title)
-    _save(fig, out)
+    save_figure(fig, out)
