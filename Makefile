@@ -36,7 +36,7 @@ demo-dry: $(STAMP)
 	$(SNAKE) -n all --configfile config/demo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(CORES) --dist loadfile
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

@@ -51,3 +51,9 @@ def write_images(folder: Path, n: int, size: int = 32, seed: int = 0) -> list[Pa
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
         paths.append(path)
     return paths
+
+
+def pytest_collection_modifyitems(config, items):
+    """The demo DAG's tests (`slow`) first, in their module's order: under `make test` (`-n 2 --dist loadfile`) one
+    worker builds the demo while the other runs every other file, rather than the demo starting halfway through."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
