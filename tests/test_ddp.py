@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -23,15 +22,10 @@ from metalign.train.loop import train
 CONFIG = {**FAST, "steps": 30, "eval_every": 10, "checkpoint_every": 10}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank(rank: int, world: int, port: int, folder: str) -> None:
+    # the ranks join the parent's store as clients, as under torchrun's agent: no rank binds a port of its own
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+                      LOCAL_RANK=str(rank), TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0")
     torch.set_num_threads(1)
     data = planted_pair()
     (xt, ct), (xv, cv) = data["train"], data["val"]
@@ -40,7 +34,9 @@ def _rank(rank: int, world: int, port: int, folder: str) -> None:
 
 
 def test_two_ranks_draw_different_episodes_and_agree_on_weights(tmp_path):
-    torch.multiprocessing.spawn(_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    # the store listens on a port the OS picked and stays open throughout: no window for another process to take it
+    store = torch.distributed.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    torch.multiprocessing.spawn(_rank, args=(2, store.port, str(tmp_path)), nprocs=2, join=True)
     ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["batch_per_rank"] == CONFIG["batch_size"] // 2
     hashes = ckpt["first_batch_sha256"]
