@@ -180,16 +180,20 @@ def test_causal_masking():
 
 
 def test_rotary_matches_complex_rotation_and_serves_training_after_inference():
-    """RoPE as a complex product (pair (2i, 2i+1) = one complex number times e^{i t θ_i}), an independent reference;
-    the angles cached by an inference_mode forward must serve a later forward that trains."""
+    """RoPE against the 2×2 rotation of each pair (2i, 2i+1) by t θ_i written out in numpy (float64), on a strided
+    view as the attention passes it; the phases cached by an inference_mode forward must serve a later forward that
+    trains."""
     from metalign.train.model import rotary
 
-    x = torch.randn(2, 3, 7, 8)
-    theta = 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
-    phase = torch.polar(torch.ones(7, 4, dtype=torch.float64), torch.arange(7, dtype=torch.float64)[:, None] * theta)
-    expected = torch.view_as_real(torch.view_as_complex(x.double().unflatten(-1, (4, 2))) * phase).flatten(-2)
+    qkv = torch.randn(2, 7, 3, 3, 8).permute(2, 0, 3, 1, 4)    # (3, batch, heads, T, head_dim), not contiguous
+    x = qkv[:2]
+    t, theta = np.arange(7)[:, None], 10000.0 ** (-np.arange(0, 8, 2) / 8)
+    cos, sin = np.cos(t * theta), np.sin(t * theta)
+    even, odd = x.double().numpy()[..., 0::2], x.double().numpy()[..., 1::2]
+    expected = np.empty(x.shape)
+    expected[..., 0::2], expected[..., 1::2] = even * cos - odd * sin, even * sin + odd * cos
     with torch.inference_mode():
-        torch.testing.assert_close(rotary(x, 10000.0).double(), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(rotary(x, 10000.0).double().numpy(), expected, rtol=1e-5, atol=1e-5)
     model = small_model().train()
     with torch.inference_mode():                 # first use of this length: the angles are cached here
         model(torch.randn(2, 13, D), torch.rand(2, 13))
