@@ -29,7 +29,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from benchmarks.common import report
+from benchmarks.common import report, unmet
 from metalign.functions.codes import read_code_arrays, read_codes, write_codes
 
 N_IMAGES, K, D_SAE = 118_287, 64, 49_152
@@ -120,9 +120,9 @@ def main() -> None:
     report("codes_load_vs_per_image_groups", ours, baseline, ">=100x faster than one HDF5 group per image "
            f"(baseline measured on the first {BASELINE_IMAGES:,} of {N_IMAGES:,} images, extrapolated linearly "
            f"×{N_IMAGES / BASELINE_IMAGES:.1f}; ours measured on all {N_IMAGES:,}; outputs checked)"
-           f"{'' if first else ' (goal not met)'}")
+           f"{unmet(first)}")
     report("codes_arrays_vs_raw_bytes", arrays, raw, "code arrays read in <= 2x the raw-bytes time (ratio >= 0.5x; "
-           f"both measured on all {N_IMAGES:,} rows; outputs checked){'' if second else ' (goal not met)'}")
+           f"both measured on all {N_IMAGES:,} rows; outputs checked){unmet(second)}")
 
 
 def _assert_equal(reader: str, got: tuple[np.ndarray, np.ndarray], written: tuple[np.ndarray, np.ndarray]) -> None:

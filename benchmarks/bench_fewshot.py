@@ -22,7 +22,7 @@ import numpy as np
 from sklearn.linear_model import Ridge
 from threadpoolctl import threadpool_limits
 
-from benchmarks.common import report
+from benchmarks.common import report, unmet
 from metalign.downstream.fewshot import BIAS_CONSTANT, STD_EPS, draw_samples, fewshot_lsr
 
 DIM = 768
@@ -93,13 +93,13 @@ def _run() -> None:
     report("fewshot_11datasets_4shots_3seeds", total, sum(base_s.values()),
            f"< {GOAL_TOTAL_S:.0f} s (seconds, not minutes) for all 11 datasets × 4 shot counts × 3 seeds of one "
            f"representation; test sets capped at {TEST_CAP:,} rows ({len(capped)} of 11 capped: {rows_used:,} of "
-           f"{rows_real:,} test rows scored){'' if total < GOAL_TOTAL_S else ' (goal not met)'}")
+           f"{rows_real:,} test rows scored){unmet(total < GOAL_TOTAL_S)}")
     n_imagenet = DATASETS["imagenet"][1]
     report("fewshot_imagenet_1000_classes", ours_s["imagenet"], base_s["imagenet"],
            f"< {GOAL_IMAGENET_S:.0f} s at 1000 classes; test capped at {min(n_imagenet, TEST_CAP):,} of "
            f"{n_imagenet:,} (vs {ours_s['colon']:.3g}s at 9 classes (colon), {ours_s['places365']:.3g}s at 365 "
            f"(places365), each scoring {TEST_CAP:,} test rows)"
-           f"{'' if ours_s['imagenet'] < GOAL_IMAGENET_S else ' (goal not met)'}")
+           f"{unmet(ours_s['imagenet'] < GOAL_IMAGENET_S)}")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from benchmarks.common import report
+from benchmarks.common import report, unmet
 from metalign.brain import cv
 from metalign.brain.ridge import GroupedRidgeCV, alpha_grid
 
@@ -181,10 +181,10 @@ def _run() -> dict:
     report(f"ridge_fold_9840x768x{N_VOXELS}", ours_at[N_VOXELS], himalaya_time(N_VOXELS),
            f">=2x vs himalaya RidgeCV float32 on the same 5 grouped splits (CPU, {threads}; ours measured on "
            f"{N_VOXELS} voxels, baseline {how_extra}; outputs checked on {n_check} voxels)"
-           f"{'' if ratio >= 2 else ' (goal not met)'}")
+           f"{unmet(ratio >= 2)}")
     report(f"ridge_fold_9840x768x{v1}_both_measured", ours_at[v1], t1,
            f">=2x vs himalaya RidgeCV float32, same splits, {threads}, both measured on {v1} voxels"
-           f"{'' if t1 / ours_at[v1] >= 2 else ' (goal not met)'}")
+           f"{unmet(t1 / ours_at[v1] >= 2)}")
     report(f"ridge_fold_9840x768x{NUMPY_VOXELS}_vs_numpy_eigh", ours_at[NUMPY_VOXELS], numpy_s,
            f"report (vs numpy eigh ridge: per-split eigendecomposition, float32 products, same 5 grouped splits and "
            f"100-α grid, {threads}; both measured on {NUMPY_VOXELS} voxels, nothing extrapolated; predictions within "

@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from benchmarks.bench_codes import D_SAE, N_IMAGES, synthetic_codes
-from benchmarks.common import report
+from benchmarks.common import report, unmet
 from metalign.functions.codes import Codes
 from metalign.functions.select import function_stats, select_functions
 from metalign.train.sampler import CHUNK, EpisodeSampler
@@ -163,7 +163,7 @@ def main() -> None:
     best = {key: min(value) for key, value in times.items()}
     for threads in (1, 2):
         ours, baseline = best[f"ours{threads}"], best[f"base{threads}"]
-        met = "" if baseline / ours >= 10 else " (goal not met)"
+        met = unmet(baseline / ours >= 10)
         how = "single-threaded" if threads == 1 else "2 threads vs loop over 2 forked processes"
         report(f"sampler_batch_4096x120_{threads}worker", ours, baseline,
                f">=10x vs plain numpy per-episode loop, {how}, episodes checked valid, best of {REPEATS}{met}")

@@ -31,7 +31,7 @@ import pandas as pd
 from joblib import Parallel, delayed
 from sklearn.model_selection import StratifiedKFold
 
-from benchmarks.common import report
+from benchmarks.common import report, unmet
 from metalign.behaviour import odd_one_out as ooo
 from metalign.behaviour.choice_model import fit_single, log_probabilities
 
@@ -145,14 +145,14 @@ def main() -> dict:
     ok_ratio = full_baseline / full_time >= 10
     report("things_ooo_full_scale_seconds", full_time, full_baseline,
            goal=f"ours < 10 s on 2 cores (this run: {N_JOBS} workers, {os.cpu_count()} CPUs)"
-                f"{'' if ok_time else ' (goal not met)'}; baseline = scipy L-BFGS-B per fit over joblib {N_JOBS} "
+                f"{unmet(ok_time)}; baseline = scipy L-BFGS-B per fit over joblib {N_JOBS} "
                 f"workers, scaled by trials from {BASELINE_PARTICIPANTS} measured participants")
     report("things_ooo_vs_lbfgsb_joblib_full_scale", full_time, full_baseline,
            goal=f">= 10x (baseline extrapolated by trials from the measured subset)"
-                f"{'' if ok_ratio else ' (goal not met)'}")
+                f"{unmet(ok_ratio)}")
     report(f"things_ooo_vs_lbfgsb_joblib_subset_{BASELINE_PARTICIPANTS}p", sub_time, base_time,
            goal=f">= 10x, both measured on {len(subset):,} triplets, NLL equal per trial (max |Δ| {diff:.0e})"
-                f"{'' if base_time / sub_time >= 10 else ' (goal not met)'}")
+                f"{unmet(base_time / sub_time >= 10)}")
     rows = [(len(subset), sub_time, base_time, True)]  # the measured pair
     for label, (n, seconds) in scaling.items():
         report(f"things_ooo_scaling_{label}_triplets", seconds, per_trial_cost * n,

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench_codes import D_SAE, K, N_IMAGES, synthetic_codes
-from benchmarks.common import report
+from benchmarks.common import report, unmet
 from metalign.functions.codes import Codes
 from metalign.functions.select import function_stats, select_functions
 from metalign.train.data import Features
@@ -165,7 +165,7 @@ def main() -> None:
     how_baseline = (f"baseline = upstream-style host load (features + dense (N, F) float32 codes), measured at {f0}/{f1} "
                     f"functions ({m0:.2f}/{m1:.2f} GB) and extrapolated linearly to all {n_functions} kept (the "
                     f"dense matrix alone exceeds this machine's 23 GB)")
-    met = "" if peak < 4 else " (goal not met)"
+    met = unmet(peak < 4)
     if cuda:
         how = (f"measured: peak RSS (VmHWM, CUDA runtime included) of the real loop on "
                f"{torch.cuda.get_device_name()} at the study's data, model, sequence length, batch and "

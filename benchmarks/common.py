@@ -19,6 +19,11 @@ def report(name: str, ours: float, baseline: float, goal: str, unit: str = "s", 
     return line
 
 
+def unmet(met: bool) -> str:
+    """The marker a goal line carries when its goal is not reached (empty when it is)."""
+    return "" if met else " (goal not met)"
+
+
 @contextmanager
 def timer() -> Iterator[list[float]]:
     box: list[float] = []
