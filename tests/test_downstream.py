@@ -5,6 +5,7 @@ small labelled demo set with planted (class-informative) vs random features."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -190,14 +191,41 @@ def test_demo_hierarchy_files_give_shape_superclasses(tmp_path):
 BREEDS_FILES = Path(__file__).resolve().parents[1] / "resources" / "breeds"
 
 
-@pytest.mark.skipif(not (BREEDS_FILES / "class_hierarchy.txt").exists(), reason="BREEDS hierarchy files absent")
-def test_real_breeds_task_sizes():
+# The reference: robustness 1.2.1.post2 (MadryLab), tools/breeds_helpers.py make_<task>(info_dir, split=...) run on
+# BREEDS-Benchmarks' imagenet_class_hierarchy/modified files; its class numbers mapped back to wnids, and the first
+# 16 hex digits of the sha256 of json.dumps({"superclasses": …, "source": …, "target": …}) kept.
+REFERENCE_SPLITS = {
+    ("rand", "entity13"): "0903e0a5a8d69a44",
+    ("rand", "entity30"): "bae4938c7ee201ac",
+    ("rand", "living17"): "c3c25ad5b0121e31",
+    ("rand", "nonliving26"): "5ed7ce5aefe14b23",
+    ("good", "entity13"): "d5650b4eace2748d",
+    ("good", "entity30"): "b331a5f96075b3fb",
+    ("good", "living17"): "a2405a53bb1e8e90",
+    ("good", "nonliving26"): "b8f7e55d3a162769",
+    ("bad", "entity13"): "c5765f60cd4fd60c",
+    ("bad", "entity30"): "5fd455e97df76004",
+    ("bad", "living17"): "e118cc49a9444075",
+    ("bad", "nonliving26"): "a1fc824a2daf4b01",
+}
+
+
+@pytest.mark.skipif(not (BREEDS_FILES / "class_hierarchy.txt").exists(),
+                    reason="BREEDS hierarchy files absent from resources/breeds (rule download_breeds_hierarchy)")
+@pytest.mark.parametrize("split", ["rand", "good", "bad"])
+def test_real_breeds_tasks_equal_the_reference_library(split):
     from metalign.downstream.breeds import STANDARD_TASKS, make_tasks
 
     h = read_hierarchy(BREEDS_FILES / "dataset_class_info.json", BREEDS_FILES / "class_hierarchy.txt",
                        BREEDS_FILES / "node_names.txt")
-    sizes = {t.name: (len(t.superclasses), len(t.source[0])) for t in make_tasks(h, STANDARD_TASKS, "rand", 2)}
+    tasks = make_tasks(h, STANDARD_TASKS, split, 2)
+    sizes = {t.name: (len(t.superclasses), len(t.source[0])) for t in tasks}
     assert sizes == {"entity13": (13, 10), "entity30": (30, 4), "living17": (17, 2), "nonliving26": (26, 2)}
+    for t in tasks:
+        record = {"superclasses": list(t.superclasses), "source": [list(c) for c in t.source],
+                  "target": [list(c) for c in t.target]}
+        digest = hashlib.sha256(json.dumps(record).encode()).hexdigest()[:16]
+        assert digest == REFERENCE_SPLITS[(split, t.name)], f"{t.name} ({split}) differs from breeds_helpers"
 
 
 # ----------------------------------------------------------------------------------------------- ImageNet-A, shape bias
