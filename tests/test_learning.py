@@ -407,6 +407,12 @@ def test_thingsdecisions_reward_choices_with_spose49(tmp_path):
     assert published["mcfadden_r2"] < study["mcfadden_r2"]
 
 
+def _concept_rows(keys: list[str]) -> list[int]:
+    """The SPoSE-49d row of each THINGS image key `<concept>/<file>` (the embedding's rows follow unique_id.csv)."""
+    concept = {c: i for i, c in enumerate(pd.read_csv(SPOSE.parent / "unique_id.csv")["id"])}
+    return [concept[k.split("/")[0]] for k in keys]
+
+
 @pytest.mark.skipif(not SPOSE.exists(), reason="category-learning schedules not present")
 def test_category_schedules_are_learnable_from_spose49(tmp_path):
     """Real schedules (the human responses are not public: choices = true labels) in the documented
@@ -421,8 +427,7 @@ def test_category_schedules_are_learnable_from_spose49(tmp_path):
     pd.DataFrame(rows).to_csv(tmp_path / "category_learning.csv", index=False)
     table = lr.read_category(tmp_path / "category_learning.csv")
     keys = sorted(set(table["image"].map(lr.image_key)))
-    concept = {c: i for i, c in enumerate(pd.read_csv(task / "unique_id.csv")["id"])}
-    features = np.loadtxt(SPOSE)[[concept[k.split("/")[0]] for k in keys]]
+    features = np.loadtxt(SPOSE)[_concept_rows(keys)]
 
     def late(per_trial: pd.DataFrame) -> pd.Series:
         late_trials = per_trial[per_trial.groupby("participant").cumcount() >= 90]
@@ -450,16 +455,15 @@ def test_reward_schedules_are_learnable_from_spose49_and_not_from_noise(tmp_path
     pd.DataFrame(rows).to_csv(tmp_path / "reward_learning.csv", index=False)
     table = lr.read_reward(tmp_path / "reward_learning.csv")
     keys = sorted(set(table["left_image"].map(lr.image_key)) | set(table["right_image"].map(lr.image_key)))
-    concept = {c: i for i, c in enumerate(pd.read_csv(SPOSE.parent / "unique_id.csv")["id"])}
-    rows_of_keys = [concept[k.split("/")[0]] for k in keys]
+    rows_of_keys, spose = _concept_rows(keys), np.loadtxt(SPOSE)
 
     def late(features: np.ndarray) -> tuple[pd.Series, dict]:
         per_trial, summary = lr.evaluate_reward(table, features[rows_of_keys], keys)
         late_trials = per_trial[per_trial.groupby("participant").cumcount() >= 40]   # the last 20 of 60 trials
         return late_trials.groupby("subject_id")["learner_correct"].mean(), summary
 
-    spose, summary = late(np.loadtxt(SPOSE))
-    assert len(table) == 360 and spose.min() >= 0.9 and summary["learner_acc"] > 0.9   # measured: 0.95-1, 0.953
-    noise, control = late(np.random.default_rng(0).standard_normal((len(concept), 49)))
+    learnt, summary = late(spose)
+    assert len(table) == 360 and learnt.min() >= 0.9 and summary["learner_acc"] > 0.9   # measured: 0.95-1, 0.953
+    noise, control = late(np.random.default_rng(0).standard_normal(spose.shape))
     assert noise.max() <= 0.75 and control["learner_acc"] < 0.6                       # measured: 0.4-0.65, 0.519
     assert summary["mcfadden_r2"] > 0.7 > 0.05 > control["mcfadden_r2"]

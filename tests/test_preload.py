@@ -168,7 +168,10 @@ from metalign.preload import cache_bytecode
 cache_bytecode({str(tmp_path / "pyc")!r})
 compiled = []
 original = SourceFileLoader.source_to_code
-SourceFileLoader.source_to_code = lambda self, data, path, **kw: compiled.append(str(path)) or original(self, data, path)
+def counted(self, data, path, **kw):
+    compiled.append(str(path))
+    return original(self, data, path, **kw)
+SourceFileLoader.source_to_code = counted
 import metalign.train.cli
 stages = [m for name, m in sys.modules.items() if name.startswith("metalign.train.")]
 assert stages and all(Path(m.__cached__).is_relative_to({str(tmp_path / "pyc")!r}) for m in stages)  # not the tree

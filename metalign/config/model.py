@@ -13,7 +13,7 @@ MODEL_TYPES = ("transformer", "lstm", "static_linear")
 SEQUENCE_TYPES = ("transformer", "lstm")  # episodic models; static_linear sees all functions of an image at once
 MAGNITUDE_UNITS = ("raw", "sigma")        # units of the magnitude head and of the hurdle MSE (docs/methods.md §6)
 R2_AVERAGES = ("batch", "pooled")         # how the selection R² combines evaluation batches (docs/methods.md §7)
-SAVE_RULES = ("min_delta", "any")         # improvements that save a new best once early stopping is on (docs/methods.md §7)
+SAVE_RULES = ("min_delta", "any")         # improvements saved as a new best under early stopping (docs/methods.md §7)
 
 
 @dataclass(frozen=True)
