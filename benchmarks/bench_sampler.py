@@ -3,20 +3,22 @@
 Codes: synthetic top-64 of 49,152 latents (benchmarks/bench_codes.py); min_nonzero = 120 keeps ≈49k functions of
 120–204 positives each.
 
-ours      `EpisodeSampler.sample` (vectorised over runs of blocks: positives as a random-key subset of each function's
-          list, negative candidates checked against that list and each other by one sort, spare draws for rejects).
+ours      `EpisodeSampler.sample`: one episode at a time in a numba-compiled loop (partial Fisher-Yates of each
+          function's list, marked rows or a bisection for the negatives, Fisher-Yates of the tokens), fed with words
+          from each block's numpy generator.
 baseline  the plain numpy loop a competent user writes from the same precomputed per-function positive lists (CSR,
           rows ascending): per episode, n_pos ~ round(N(sl/2, sl/20)) clamped as ours, a permutation of the
           function's list for the positives, uniformly drawn negatives rejected by a `searchsorted` membership test
           and de-duplicated, a shuffle; written into preallocated (B, sl) arrays. No dense matrix, no O(N) scan.
-Lines: (1) both single-threaded (ours threads=1); (2) both with 2 workers (ours threads=2; the baseline's batch split
-in two halves over a warm 2-process fork pool that inherits the lists and writes into shared output arrays, as our
-threads write in place, since its per-episode Python loop holds the GIL; that is 7 % faster than pickling the halves
-back). Best of REPEATS (9) each, ours and baseline alternated (a batch takes 15 ms and 150 ms, so nine rounds cost
-seconds and steady the minimum of both). The gather of the 768-d inputs is identical work for both and is not timed.
-Outputs are checked inside the benchmark (asserts): every episode of both samplers has sl distinct rows, labels equal
-to true membership of the episode's function, magnitudes equal to the codes' values on positives and 0 on negatives,
-and the mean n_pos of both within 0.5 of sl/2 (4,096 draws of sd 6: 0.5 is > 5 standard errors).
+Lines: (1) both single-threaded (ours threads=1); (2) both with 2 workers (ours threads=2; the baseline's batch
+split in two halves over a warm 2-process fork pool that inherits the lists and writes into shared output arrays, as
+our threads write in place, since its per-episode Python loop holds the GIL; that is 7 % faster than pickling the
+halves back). Best of REPEATS (9) each, ours and baseline alternated (a batch takes 10 ms and 150 ms, so nine rounds
+cost seconds and steady the minimum of both; the kernel is compiled, or loaded from its cache, in the warm-up). The
+gather of the 768-d inputs is identical work for both and is not timed. Outputs are checked inside the benchmark
+(asserts): every episode of both samplers has sl distinct rows, labels equal to true membership of the episode's
+function, magnitudes equal to the codes' values on positives and 0 on negatives, and the mean n_pos of both within
+0.5 of sl/2 (4,096 draws of sd 6: 0.5 is > 5 standard errors).
 
     python -m benchmarks sampler
 """

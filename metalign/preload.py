@@ -34,10 +34,12 @@ from pathlib import Path
 
 SOCKET_ENV = "METALIGN_PRELOAD_SOCKET"
 # What a snakemake job's environment may add or change relative to the server's: per-job thread counts, the PATH that
-# common.smk prepends, temp dirs, and what a shell sets for itself.
+# common.smk prepends, temp dirs, and what a shell sets for itself (a job's non-interactive bash drops the PS1 that an
+# activated venv exports).
 ENV_PER_JOB = frozenset({
     "OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
-    "NUMEXPR_NUM_THREADS", "PATH", "TMPDIR", "TMP", "TEMP", "TEMPDIR", "PWD", "OLDPWD", "SHLVL", "_", SOCKET_ENV,
+    "NUMEXPR_NUM_THREADS", "PATH", "TMPDIR", "TMP", "TEMP", "TEMPDIR", "PWD", "OLDPWD", "SHLVL", "_", "PS1", "PS2",
+    SOCKET_ENV,
 })
 # Imported inside functions by the stages (backbones, brain volumes, CLIP), so importing the CLIs does not load them.
 LAZY_IMPORTS = ("timm", "transformers", "transformers.models.vit", "torchvision.models", "open_clip", "nibabel",

@@ -109,6 +109,17 @@ def test_an_environment_read_at_import_runs_in_its_own_process(server, tmp_path)
     assert "missing.pt" in log
 
 
+def test_shell_bookkeeping_is_not_a_different_environment():
+    """An activated venv exports PS1, which a job's non-interactive bash drops: that alone must not send every job to
+    its own interpreter; a variable read at import still does."""
+    from metalign.preload import _env_mismatch
+
+    server = {"PS1": "(.venv) $ ", "HOME": "/home/u", "HF_HUB_OFFLINE": "1", "SHLVL": "1"}
+    job = {"HOME": "/home/u", "HF_HUB_OFFLINE": "1", "SHLVL": "3"}
+    assert _env_mismatch(server, {}, job) == []
+    assert _env_mismatch(server, {}, {**job, "HF_HUB_OFFLINE": "0", "OMP_NUM_THREADS": "1"}) == ["HF_HUB_OFFLINE"]
+
+
 def test_no_server_means_a_plain_process(tmp_path):
     job = _job(["encode", "--ckpt", str(tmp_path / "missing.pt"), "--features", "x.h5", "--out", "y.h5"],
                tmp_path / "job.log", str(tmp_path / "absent.sock"))

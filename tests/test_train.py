@@ -107,6 +107,29 @@ def test_sampler_draws_uniformly_without_replacement(n_positives):
     assert chisquare(positives[rows] * np.linspace(1.25, 0.75, n_positives)).pvalue < 1e-3
 
 
+def test_sampler_integers_are_exactly_uniform_and_never_read_past_the_words():
+    """Lemire's multiply-shift with rejection: for n = 3·2^30 a plain multiply-shift gives the multiples of 3 half of
+    the draws (two words each); rejecting the 2^32 mod n low products makes every value equally likely, at 4/3 words
+    a draw. A rejected draw stops before the last `headroom` words and reports failure."""
+    from metalign.train.episode_kernel import _below
+
+    n = 3 << 30
+    words = np.random.default_rng(0).integers(0, 1 << 32, 120_000, dtype=np.uint32)
+    values, at = [], 0
+    while at < len(words) - 2:
+        value, at = _below(words, at, n, 2)
+        values.append(value)
+    values = np.array(values)
+    assert values.min() >= 0 and values.max() < n
+    naive = (words.astype(np.uint64) * np.uint64(n)) >> np.uint64(32)
+    assert abs((naive % 3 == 0).mean() - 1 / 2) < 0.01              # the bias that rejection removes
+    assert abs((values % 3 == 0).mean() - 1 / 3) < 0.01
+    assert abs(len(words) / len(values) - 4 / 3) < 0.02
+    zeros = np.array([0, 0, 0, 5], dtype=np.uint32)                   # a zero word is always rejected for this n
+    assert tuple(_below(zeros, 0, n, 1)) == (-1, 3)                   # never reads the last word
+    assert tuple(_below(zeros, 0, n, 0)) == (3, 4)                    # floor(5·3·2^30 / 2^32) = 3
+
+
 def test_sampler_determinism_and_ranks(data, monkeypatch):
     (_, codes, _), _ = data
     a, b = (EpisodeSampler.from_codes(codes, sl=20, seed=3) for _ in range(2))
@@ -114,19 +137,20 @@ def test_sampler_determinism_and_ranks(data, monkeypatch):
         np.testing.assert_array_equal(x, y)
     for x, y in zip(a.sample(1100, step=2, threads=1), b.sample(1100, step=2, threads=3)):  # 3 blocks of episodes
         np.testing.assert_array_equal(x, y)
-    for blocks in (1, 3):                                              # blocks per vectorised pass: speed only
-        monkeypatch.setattr(sampler_module, "_PASS_BLOCKS", blocks)
-        for x, y in zip(a.sample(1100, step=2, threads=1), b.sample(1100, step=2, threads=2)):
-            np.testing.assert_array_equal(x, y)
+    expected = a.sample(1100, step=2)
+    monkeypatch.setattr(sampler_module, "WORDS_PER_TOKEN", 0)  # 16 words a block: nearly every episode runs short,
+    for x, y in zip(expected, b.sample(1100, step=2, threads=2)):  # is redone after more words: the same episodes
+        np.testing.assert_array_equal(x, y)
+    monkeypatch.undo()
     other_rank = EpisodeSampler.from_codes(codes, sl=20, seed=3, rank=1).sample(16, step=5)
     assert not np.array_equal(a.sample(16, step=5).rows, other_rank.rows)
     assert not np.array_equal(a.sample(16, step=5).rows, a.sample(16, step=6).rows)
     e1, e2 = a.evaluation_set(2, seed=9), EpisodeSampler.from_codes(codes, sl=20, seed=99, rank=2).evaluation_set(2, 9)
     np.testing.assert_array_equal(e1.rows, e2.rows)
-    monkeypatch.setattr(sampler_module, "CHUNK", 3)                    # several blocks and passes: same episodes
+    monkeypatch.setattr(sampler_module, "CHUNK", 3)                    # several blocks, cut word streams: same episodes
     sets = []
-    for blocks in (1, 2):
-        monkeypatch.setattr(sampler_module, "_PASS_BLOCKS", blocks)
+    for words in (2, 0):
+        monkeypatch.setattr(sampler_module, "WORDS_PER_TOKEN", words)
         sets.append(EpisodeSampler.from_codes(codes, sl=20, seed=3).evaluation_set(3, seed=9))
     for x, y in zip(*sets):
         np.testing.assert_array_equal(x, y)
@@ -148,7 +172,7 @@ def test_sampler_mixes_keyed_and_drawn_functions(monkeypatch):
     np.testing.assert_array_equal(labels, member.astype(np.float32))
     np.testing.assert_array_equal(mse_mask, labels)
     assert all(len(set(r)) == sl for r in rows) and (mags[labels == 0] == 0).all() and (mags[labels == 1] >= 1).all()
-    monkeypatch.setattr(sampler_module, "_PASS_BLOCKS", 1)
+    monkeypatch.setattr(sampler_module, "WORDS_PER_TOKEN", 0)
     for x, y in zip((rows, labels, mags), sampler.sample(1500, step=1, threads=2)):
         np.testing.assert_array_equal(x, y)
 
