@@ -130,6 +130,37 @@ def test_sampler_integers_are_exactly_uniform_and_never_read_past_the_words():
     assert tuple(_below(zeros, 0, n, 0)) == (3, 4)                    # floor(5·3·2^30 / 2^32) = 3
 
 
+def test_an_episode_cut_short_of_words_is_redone_even_without_negatives():
+    """sl = 3 allows n_pos = sl (no negatives). A positive draw that fails for want of words must end the call at
+    that episode (to be redone with more words), not return rows left in the scratch from an earlier episode."""
+    from metalign.train.episode_kernel import fill_episodes
+
+    sl, count, n_rows = 3, 13, 20              # 13 > 4·sl positives: drawn with rejection; 2^32 mod 13 = 9 rejects 0
+    out = np.full((1, sl), -7, np.int64), np.zeros((1, sl), np.float32), np.zeros((1, sl), np.float32)
+    stale = np.array([999, 888, 777], np.int64)
+    done = fill_episodes(np.array([0, 1, 2, 3], np.uint32), 0, np.array([0]), np.array([sl]),
+                         np.array([0, count]), np.arange(count, dtype=np.int64), np.ones(count, np.float32), n_rows,
+                         4 * sl, np.zeros((0, 0), bool), *out, np.empty(4 * sl, np.int64),
+                         seen := np.zeros(n_rows, np.uint8), stale, np.zeros(sl, np.float32), np.empty(sl, np.int64),
+                         np.zeros(1, np.int64))
+    assert tuple(done) == (0, 0) and (out[0] == -7).all() and not seen.any()
+
+
+def test_dense_labels_must_match_the_positive_lists():
+    """Labels that call more rows positive than the lists would leave short and long functions with different
+    negatives (or none to draw): refused when the sampler is built."""
+    n, sl = 200, 20
+    rows = np.arange(0, n, 2)
+    labels = np.zeros((n, 1), bool)
+    labels[rows, 0] = True
+    dense = np.where(labels, 1.0, -1.0).astype(np.float32)
+    args = (np.array([0, len(rows)]), rows, np.ones(len(rows)), n, np.array([9]), sl, 0, 0, "neuron codes", dense)
+    EpisodeSampler(*args, labels, np.array([True]))
+    labels[1, 0] = True
+    with pytest.raises(DataContractError, match="neuron codes: dense labels disagree with the positive lists"):
+        EpisodeSampler(*args, labels, np.array([True]))
+
+
 def test_sampler_determinism_and_ranks(data, monkeypatch):
     (_, codes, _), _ = data
     a, b = (EpisodeSampler.from_codes(codes, sl=20, seed=3) for _ in range(2))

@@ -120,7 +120,7 @@ def fill_episodes(words: np.ndarray, first: int, functions: np.ndarray, n_pos: n
         else:
             for q in range(n_picked):
                 seen[token_rows[q]] = 0
-        if i < sl or at + sl > len(words):
+        if n_picked < k or i < sl or at + sl > len(words):
             sink[0] = touched
             return b, start  # the words ran out: this episode is redone from its first word once more are appended
         for s in range(sl):  # inside-out Fisher-Yates: slot s gets token slots[s]

@@ -97,8 +97,13 @@ class EpisodeSampler:
             raise DataContractError(f"{source}: positive rows must be unique and ascending within each function")
         if self.n_rows > 1 << 32 or len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= self.n_rows):
             raise DataContractError(f"{source}: positive rows must lie in [0, {self.n_rows}) (at most 2^32 rows)")
+        if dense is not None and not (np.array_equal(np.count_nonzero(dense_labels, axis=0), self.nnz)
+                                      and dense_labels[self.rows, np.repeat(np.arange(self.n_functions), self.nnz)]
+                                      .all()):
+            raise DataContractError(f"{source}: dense labels disagree with the positive lists")
         # the kernel reads membership of long lists from the labels when there are any ((0, 0): bisect the list)
         self._labels = np.zeros((0, 0), bool) if dense is None else np.ascontiguousarray(dense_labels, dtype=bool)
+        self._keyed = KEYED_NNZ * self.sl  # lists at most this long are shuffled whole (and size the scratch)
         self._scratch = threading.local()  # per-thread kernel scratch, kept across steps
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
@@ -191,7 +196,7 @@ class EpisodeSampler:
         words, first = self._words(rng, size), 0
         while True:
             first, at = fill_episodes(words, first, functions, n_pos, self.offsets, self.rows, self.mags, self.n_rows,
-                                      KEYED_NNZ * sl, self._labels, rows, labels, mags, *scratch)
+                                      self._keyed, self._labels, rows, labels, mags, *scratch)
             if first == size:
                 break
             words = np.concatenate([words[at:], self._words(rng, size - first)])
@@ -211,7 +216,7 @@ class EpisodeSampler:
         rows and magnitudes, the slot order and a sink for the look-ahead reads."""
         scratch = getattr(self._scratch, "arrays", None)
         if scratch is None:
-            scratch = (np.empty(max(KEYED_NNZ, 1) * self.sl, np.int64), np.zeros(self.n_rows, np.uint8),
+            scratch = (np.empty(max(self._keyed, self.sl), np.int64), np.zeros(self.n_rows, np.uint8),
                        np.empty(self.sl, np.int64), np.empty(self.sl, np.float32), np.empty(self.sl, np.int64),
                        np.zeros(1, np.int64))
             self._scratch.arrays = scratch
